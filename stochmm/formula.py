@@ -1,0 +1,270 @@
+"""Parsing lme4-style mixed-model formulas.
+
+``parse_formula("Reaction ~ Days + (Days | Subject)")`` splits a formula into its
+response, the fixed-effects part (handed to formulaic unchanged), the
+random-effects bar terms and any ``offset()`` terms. Bar terms are expanded the
+way lme4 expands them: ``(x || g)`` becomes ``(1 | g) + (0 + x | g)`` and
+``(1 | a/b)`` becomes ``(1 | a) + (1 | a:b)``.
+
+Only this module reads formula text; everything downstream works on the
+:class:`ParsedFormula` it returns.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import FormulaError
+
+__all__ = ["BarTerm", "ParsedFormula", "parse_formula"]
+
+_NAME = r"[A-Za-z_.][A-Za-z0-9_.]*|`[^`]+`"
+_GROUP_RE = re.compile(rf"^\s*({_NAME})(\s*[:/]\s*({_NAME}))*\s*$")
+
+
+@dataclass(frozen=True)
+class BarTerm:
+    """One random-effects term ``(lhs | group)`` after expansion.
+
+    Attributes
+    ----------
+    lhs : str
+        The term's model formula, e.g. ``"1 + Days"`` or ``"0 + Days"``.
+    group : str
+        Grouping factor; an interaction of factors is written ``"a:b"``.
+    text : str
+        The bar term as the user wrote it (before expansion), for messages.
+    """
+
+    lhs: str
+    group: str
+    text: str
+
+    @property
+    def group_vars(self) -> list[str]:
+        return [g.strip().strip("`") for g in self.group.split(":")]
+
+
+@dataclass(frozen=True)
+class ParsedFormula:
+    """A mixed-model formula split into its parts.
+
+    Attributes
+    ----------
+    text : str
+        The formula as given.
+    response : str
+        Left-hand side text (may be ``cbind(s, f)``).
+    fixed : str
+        Right-hand side fixed-effects formula for formulaic (``"1"`` if empty).
+    bars : tuple of BarTerm
+        Random-effects terms, expanded, in formula order.
+    offsets : tuple of str
+        Expressions found inside ``offset(...)``.
+    """
+
+    text: str
+    response: str
+    fixed: str
+    bars: tuple[BarTerm, ...]
+    offsets: tuple[str, ...]
+
+
+def _check_parens(s: str) -> None:
+    depth = 0
+    for i, ch in enumerate(s):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth < 0:
+                raise FormulaError("unmatched ')' in formula", s, i)
+    if depth > 0:
+        # point at the last unclosed '('
+        stack = []
+        for i, ch in enumerate(s):
+            if ch == "(":
+                stack.append(i)
+            elif ch == ")":
+                stack.pop()
+        raise FormulaError("unclosed '(' in formula", s, stack[-1])
+
+
+def _split_top(s: str, seps: str) -> list[tuple[str, int, str]]:
+    """Split ``s`` at depth-0 characters in ``seps``.
+
+    Returns (separator, start offset, piece) triples; the first separator is ''.
+    """
+    out, depth, start, sep = [], 0, 0, ""
+    for i, ch in enumerate(s):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif depth == 0 and ch in seps:
+            out.append((sep, start, s[start:i]))
+            sep, start = ch, i + 1
+    out.append((sep, start, s[start:]))
+    return out
+
+
+def _find_bar(inner: str) -> tuple[int, int] | None:
+    """Position and width of the depth-0 ``|`` or ``||`` inside a parenthesised term."""
+    depth = 0
+    for i, ch in enumerate(inner):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif depth == 0 and ch == "|":
+            return (i, 2) if inner[i + 1 : i + 2] == "|" else (i, 1)
+    return None
+
+
+def _strip_outer(s: str) -> str:
+    s = s.strip()
+    while s.startswith("(") and s.endswith(")"):
+        depth = 0
+        for i, ch in enumerate(s):
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0 and i < len(s) - 1:
+                return s
+        s = s[1:-1].strip()
+    return s
+
+
+def _has_intercept(lhs: str) -> tuple[bool, list[str]]:
+    """Whether a term formula keeps the intercept, and its non-intercept pieces."""
+    keep, pieces = True, []
+    for sep, _, piece in _split_top(lhs, "+-"):
+        p = piece.strip()
+        if not p:
+            continue
+        if p in ("0", "-1") or (sep == "-" and p == "1"):
+            keep = False
+        elif p == "1":
+            keep = True
+        elif sep == "-":
+            pieces.append(f"- {p}")
+        else:
+            pieces.append(p)
+    return keep, pieces
+
+
+def _expand_group(group: str, formula: str, pos: int) -> list[str]:
+    g = _strip_outer(group)
+    if not _GROUP_RE.match(g):
+        raise FormulaError(
+            f"grouping factor {group.strip()!r} is not a variable name or a nesting "
+            "('a/b') or interaction ('a:b') of variable names",
+            formula,
+            pos,
+        )
+    # a/b/c -> a, a:b, a:b:c ; ':' binds tighter than '/'
+    parts = [p.strip() for p in g.split("/")]
+    return [":".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def parse_formula(formula: str) -> ParsedFormula:
+    """parse_formula(formula) -> ParsedFormula
+
+    Split an lme4-style formula into response, fixed part, bar terms and offsets.
+
+    Parameters
+    ----------
+    formula : str
+        For example ``"Reaction ~ Days + (Days | Subject)"``.
+
+    Returns
+    -------
+    ParsedFormula
+
+    Raises
+    ------
+    FormulaError
+        With the formula and a caret under the offending position.
+
+    Examples
+    --------
+    >>> pf = parse_formula("y ~ x + (x || g) + (1 | a/b)")
+    >>> [(b.lhs, b.group) for b in pf.bars]
+    [('1', 'g'), ('0 + x', 'g'), ('1', 'a'), ('1', 'a:b')]
+    """
+    if not isinstance(formula, str):
+        raise FormulaError(f"formula must be a string, got {type(formula).__name__}")
+    text = formula.strip()
+    if not text:
+        raise FormulaError("empty formula")
+    _check_parens(text)
+    sides = _split_top(text, "~")
+    if len(sides) == 1:
+        raise FormulaError("formula has no '~': write it as 'response ~ terms'", text, 0)
+    if len(sides) > 2:
+        raise FormulaError("formula has more than one '~'", text, sides[2][1] - 1)
+    response = sides[0][2].strip()
+    rhs_start, rhs = sides[1][1], sides[1][2]
+    if not response:
+        raise FormulaError("formula has no response on the left of '~'", text, 0)
+    if not rhs.strip():
+        raise FormulaError("formula has nothing on the right of '~'", text, len(text) - 1)
+
+    fixed_parts: list[str] = []
+    bars: list[BarTerm] = []
+    offsets: list[str] = []
+    for sep, start, piece in _split_top(rhs, "+-"):
+        p = piece.strip()
+        pos = rhs_start + start + (len(piece) - len(piece.lstrip()))
+        if not p:
+            if sep or start > 0:
+                raise FormulaError("empty term in formula", text, max(pos - 1, 0))
+            continue
+        inner = p[1:-1] if p.startswith("(") and p.endswith(")") else None
+        bar = _find_bar(inner) if inner is not None else None
+        if bar is None and "|" in p:
+            raise FormulaError(
+                "random-effects term must be enclosed in parentheses, as in '(1 | g)'",
+                text,
+                pos + p.index("|"),
+            )
+        if bar is not None:
+            if sep == "-":
+                raise FormulaError("a random-effects term cannot be subtracted", text, pos)
+            i, width = bar
+            lhs, grp = inner[:i].strip(), inner[i + width :].strip()
+            if not lhs:
+                raise FormulaError(
+                    f"random-effects term {p!r} has nothing before '|' (use '1' for an intercept)",
+                    text,
+                    pos + 1 + i,
+                )
+            if not grp:
+                raise FormulaError(
+                    f"random-effects term {p!r} has no grouping factor after '|'", text, pos + 1 + i
+                )
+            groups = _expand_group(grp, text, pos + 1 + i + width)
+            if width == 2:  # (x || g): one term per column set, intercept separate
+                intercept, pieces = _has_intercept(lhs)
+                lhss = (["1"] if intercept else []) + [f"0 + {q}" for q in pieces if not q.startswith("-")]
+                if not lhss:
+                    raise FormulaError(f"random-effects term {p!r} has no effects", text, pos)
+            else:
+                lhss = [lhs]
+            for g in groups:
+                for lh in lhss:
+                    bars.append(BarTerm(lhs=lh, group=g, text=p))
+        elif p.startswith("offset(") and p.endswith(")"):
+            if sep == "-":
+                raise FormulaError("an offset cannot be subtracted", text, pos)
+            offsets.append(p[len("offset(") : -1].strip())
+        else:
+            fixed_parts.append(f"{sep} {p}" if sep else p)
+    fixed = " ".join(fixed_parts).strip()
+    if fixed.startswith("+"):
+        fixed = fixed[1:].strip()
+    if not fixed:
+        fixed = "1"
+    elif fixed.startswith("-"):
+        fixed = "1 " + fixed
+    return ParsedFormula(text=text, response=response, fixed=fixed, bars=tuple(bars), offsets=tuple(offsets))
