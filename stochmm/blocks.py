@@ -222,7 +222,9 @@ class BlockedSystem:
             S = self.S_A.copy()
             S.data *= lam[: self.q_rest][self._S_rows] * scale0[S.indices]
             self.S = S
+            same_pattern = True
         elif self.S_A is not None:
+            same_pattern = False
             S = self.S_A
             if self._rest_scalar:
                 S = sp.diags(lam[: self.q_rest]) @ S
@@ -241,7 +243,7 @@ class BlockedSystem:
         D[np.arange(qr), np.arange(qr)] += 1.0
         if self.S is not None:
             SG = np.asarray(self.S @ G.T)  # q_rest × (p+1)
-            D[:qr, :qr] -= self._sst(self.S) if self.S.nnz == self.S_A.nnz else (self.S @ self.S.T).toarray()
+            D[:qr, :qr] -= self._sst(self.S) if same_pattern else (self.S @ self.S.T).toarray()
             D[:qr, qr:] -= SG
             D[qr:, :qr] -= SG.T
         D[qr:, qr:] -= G @ G.T

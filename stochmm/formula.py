@@ -162,9 +162,9 @@ def _expand_group(group: str, formula: str, pos: int) -> list[str]:
             formula,
             pos,
         )
-    # a/b/c -> a, a:b, a:b:c ; ':' binds tighter than '/'
+    # lme4's expansion: a/b/c -> a, b:a, c:b:a (the inner factor first, as lme4 names it)
     parts = [p.strip() for p in g.split("/")]
-    return [":".join(parts[: i + 1]) for i in range(len(parts))]
+    return [":".join(reversed(parts[: i + 1])) for i in range(len(parts))]
 
 
 def parse_formula(formula: str) -> ParsedFormula:
@@ -190,7 +190,7 @@ def parse_formula(formula: str) -> ParsedFormula:
     --------
     >>> pf = parse_formula("y ~ x + (x || g) + (1 | a/b)")
     >>> [(b.lhs, b.group) for b in pf.bars]
-    [('1', 'g'), ('0 + x', 'g'), ('1', 'a'), ('1', 'a:b')]
+    [('1', 'g'), ('0 + x', 'g'), ('1', 'a'), ('1', 'b:a')]
     """
     if not isinstance(formula, str):
         raise FormulaError(f"formula must be a string, got {type(formula).__name__}")

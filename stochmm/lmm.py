@@ -151,9 +151,10 @@ def fit_lmm(model: Model, reml: bool = True, *, start: np.ndarray | None = None,
         raise ValueError(f"start must have {model.theta0.size} values ({', '.join(model.theta_names)}), got {x0.size}")
     optsum = minimize_bounded(dev, x0, model.lower, names=model.theta_names, keep_log=keep_log, **optimizer_options)
     theta = optsum.xfinal.copy()
-    # tidy the boundary: components within 1e-8 of a bound are put on it if that is no worse
+    # tidy the boundary (lme4's boundary.tol): components within 1e-5 of a bound are put on it
+    # if that is no worse
     lower = model.lower
-    near = np.isfinite(lower) & (theta - lower < 1e-8) & (theta != lower)
+    near = np.isfinite(lower) & (theta - lower < 1e-5) & (theta != lower)
     if near.any():
         trial = theta.copy()
         trial[near] = lower[near]

@@ -250,7 +250,7 @@ class Model:
                 raise MissingColumnError(nm, data.columns, what=f"{what} variable" if nm in where else what)
         cols = list(dict.fromkeys(names + extra))
         frame = data.loc[:, cols].copy()
-        mask = frame.isna().any(axis=1).to_numpy()
+        mask = frame.isna().any(axis=1).to_numpy().copy()
         for arg in (weights, offset):
             if arg is not None and not isinstance(arg, str):
                 arr = np.asarray(arg, dtype=float)
@@ -503,6 +503,25 @@ class Model:
         blocks = [sp.kron(sp.identity(t.nlev, format="csc"), sp.csc_matrix(T), format="csc")
                   for t, T in zip(self.terms, self.lambda_blocks(theta))]
         return sp.block_diag(blocks, format="csc")
+
+    # ----------------------------------------------------------------------------- fitting
+    def fit(self, method: str | None = None, **options: Any):
+        """fit(method=None, **options) -> results
+
+        Fit the model. Linear mixed models: ``method="REML"`` (default) or ``"ML"``.
+        GLMMs: ``method="laplace"`` (default), ``"agq"`` (with ``nagq=``) or ``"fast"``
+        (nAGQ = 0); see :func:`stochmm.glmm.fit_glmm`.
+        """
+        if self.family_name == "gaussian":
+            from .lmm import fit_lmm
+
+            m = (method or "REML").upper()
+            if m not in ("REML", "ML"):
+                raise ValueError(f"method for a linear mixed model is 'REML' or 'ML', not {method!r}")
+            return fit_lmm(self, reml=(m == "REML"), **options)
+        from .glmm import fit_glmm
+
+        return fit_glmm(self, method=method or "laplace", **options)
 
     # ----------------------------------------------------------------------------- new data
     def new_design(self, newdata: pd.DataFrame) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:

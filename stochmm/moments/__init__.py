@@ -1,0 +1,1 @@
+from .anova import AnovaComponents, anova_components

@@ -1,0 +1,161 @@
+"""Linear mixed models against lme4 1.1-31 (values pinned in tests/reference/, see conftest)."""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import stochmm as sm
+from stochmm.errors import SingularFitWarning
+from stochmm.lmm import ProfiledDeviance
+
+SLEEP = "Reaction ~ Days + (Days | Subject)"
+
+
+@pytest.fixture(scope="module")
+def sleep():
+    return sm.datasets.load("sleepstudy")
+
+
+@pytest.fixture(scope="module")
+def fit_reml(sleep):
+    return sm.lmer(SLEEP, sleep)
+
+
+@pytest.mark.parametrize("key,reml", [("sleepstudy_slopes_ML", False), ("sleepstudy_slopes_REML", True)])
+def test_profiled_deviance_at_lme4_points(sleep, devfun_points, key, reml):
+    """lme4's devFunOnly values at the optimum and off it (source: lme4 1.1-31 devfun)."""
+    f = ProfiledDeviance(sm.Model(SLEEP, sleep), reml=reml)
+    for pt in devfun_points[key]["points"]:
+        assert f(np.array(pt["params"])) == pytest.approx(pt["value"], abs=1e-8), pt["label"]
+        bs = f.system
+        assert bs.pwrss == pytest.approx(pt["pwrss"], rel=1e-10)
+        assert bs.logdet_L == pytest.approx(pt["ldL2"], abs=1e-9)
+        assert bs.logdet_RX == pytest.approx(pt["ldRX2"], abs=1e-9)
+        np.testing.assert_allclose(bs.beta(), list(pt["beta_hat"].values()), rtol=1e-10)
+
+
+@pytest.mark.parametrize("key,ds,formula", [("pastes_nested_ML", "pastes", "strength ~ 1 + (1 | batch/cask)"),
+                                            ("penicillin_crossed_ML", "penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)")])
+def test_devfun_points_nested_and_crossed(devfun_points, key, ds, formula):
+    f = ProfiledDeviance(sm.Model(formula, sm.datasets.load(ds)), reml=False)
+    for pt in devfun_points[key]["points"]:
+        assert f(np.array(pt["params"])) == pytest.approx(pt["value"], abs=1e-8), pt["label"]
+
+
+def test_sleepstudy_reml_parity(fit_reml, lme4_refs):
+    r = lme4_refs["sleepstudy_slopes_REML"]["results"]
+    f = fit_reml
+    assert f.objective == pytest.approx(r["objective"], abs=1e-6)
+    assert f.loglik == pytest.approx(r["logLik"], abs=1e-6)
+    assert f.aic == pytest.approx(r["AIC"], abs=1e-6) and f.bic == pytest.approx(r["BIC"], abs=1e-6)
+    np.testing.assert_allclose(f.fixef, list(r["fixef"].values()), rtol=1e-8)
+    np.testing.assert_allclose(f.se, list(r["se"].values()), rtol=1e-4)
+    np.testing.assert_allclose(f.vcov.to_numpy(), r["vcov"]["matrix"], rtol=1e-4)
+    np.testing.assert_allclose(f.theta, list(r["theta"].values()), atol=1e-4)
+    assert f.sigma == pytest.approx(r["sigma"], rel=1e-5)
+    assert f.nobs == 180 and f.ngroups == {"Subject": 18} and f.df == 6
+    assert not f.is_singular
+    assert f.optsum.feval < 80 and f.optsum.optimizer == "LN_BOBYQA"
+
+
+def test_varcorr_matches_lme4(fit_reml, lme4_refs):
+    vc = fit_reml.varcorr
+    ref = lme4_refs["sleepstudy_slopes_REML"]["results"]["varcorr"]
+    assert list(vc.columns) == ["group", "term1", "term2", "variance", "sd", "corr"]
+    assert list(vc["group"]) == [v["group"] for v in ref]
+    np.testing.assert_allclose(vc["variance"], [v["vcov"] for v in ref], rtol=1e-4)
+    assert vc.loc[2, "corr"] == pytest.approx(ref[2]["sdcor"], abs=1e-4)
+    assert vc.loc[3, "sd"] == pytest.approx(ref[3]["sdcor"], rel=1e-5)
+
+
+def test_ranef_and_condvar(fit_reml, lme4_refs):
+    r = lme4_refs["sleepstudy_slopes_REML"]["results"]["ranef"]["Subject"]
+    re = fit_reml.ranef["Subject"]
+    assert list(re.index) == r["levels"] and list(re.columns) == ["(Intercept)", "Days"]
+    for term, vals in r["terms"].items():
+        np.testing.assert_allclose(re[term], vals, atol=1e-3)
+    cv = fit_reml.ranef_condvar["Subject"]
+    assert cv.shape == (18, 2, 2)
+    tab = fit_reml.ranef_table()
+    assert list(tab.columns) == ["group", "term", "level", "condval", "condsd"] and len(tab) == 36
+
+
+@pytest.mark.parametrize("key,ds,formula,reml", [
+    ("pastes_nested_ML", "pastes", "strength ~ 1 + (1 | batch/cask)", False),
+    ("penicillin_crossed_REML", "penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)", True),
+    ("oats_splitplot_REML", "oats", "yield ~ nf * Variety + (1 | Block/Variety)", True),
+])
+def test_conditional_sds_match_lme4(lme4_refs, key, ds, formula, reml):
+    """Conditional SDs of the random effects (lme4's ranef(condVar = TRUE))."""
+    fit = sm.lmer(formula, sm.datasets.load(ds), reml=reml)
+    ref = lme4_refs[key]["results"]["ranef"]
+    tab = fit.ranef_table()
+    for g, rg in ref.items():
+        for term, vals in rg["terms"].items():
+            sub = tab[(tab["group"] == g) & (tab["term"] == term)]
+            assert list(sub["level"]) == rg["levels"]
+            np.testing.assert_allclose(sub["condval"], vals, atol=2e-4 * max(1, np.abs(vals).max()))
+            np.testing.assert_allclose(sub["condsd"], rg["condsd"][term], rtol=2e-4)
+
+
+def test_singular_fit_flagged_with_number():
+    with pytest.warns(SingularFitWarning, match=r"Batch\.\(Intercept\)=0"):
+        f = sm.lmer("Yield ~ 1 + (1 | Batch)", sm.datasets.load("dyestuff2"), reml=False)
+    assert f.is_singular and f.theta[0] == 0.0
+    assert f.objective == pytest.approx(162.873036653826, abs=1e-8)  # lme4 1.1-31, ML
+
+
+def test_better_or_equal_to_lme4_from_a_poor_start(sleep, lme4_refs):
+    f = sm.lmer(SLEEP, sleep, reml=False, start=[3.0, -1.0, 0.1])
+    assert f.objective <= lme4_refs["sleepstudy_slopes_ML"]["results"]["objective"] + 1e-6
+    with pytest.raises(ValueError, match="3 values"):
+        sm.lmer(SLEEP, sleep, start=[1.0])
+
+
+def test_fitted_residuals_predict(fit_reml, sleep):
+    f = fit_reml
+    np.testing.assert_allclose(f.fitted + f.residuals, sleep["Reaction"])
+    np.testing.assert_allclose(f.predict(), f.fitted)
+    np.testing.assert_allclose(f.predict(sleep), f.fitted)
+    nd = pd.DataFrame({"Days": [0.0, 0.0], "Subject": ["308", "new"]})
+    p = f.predict(nd)
+    assert p[0] == pytest.approx(f.fixef["(Intercept)"] + f.ranef["Subject"].loc["308", "(Intercept)"])
+    assert p[1] == pytest.approx(f.fixef["(Intercept)"])  # new level: random effect 0
+    np.testing.assert_allclose(f.predict(nd, re_form=None), [f.fixef["(Intercept)"]] * 2)
+
+
+def test_summary_reads_like_lme4(fit_reml, sleep):
+    text = str(fit_reml.summary())
+    for piece in ["Linear mixed model fit by REML ['lmerMod']", "REML criterion at convergence: 1743.6",
+                  "Scaled residuals:", " Subject  (Intercept)", "Number of obs: 180, groups:  Subject, 18",
+                  "(Intercept)  251.405      6.825   36.84", "Days          10.467      1.546    6.77",
+                  "Correlation of Fixed Effects:"]:
+        assert piece in text, piece
+    ml = str(sm.lmer(SLEEP, sleep, reml=False).summary())
+    assert "AIC" in ml and "1763.9" in ml and "-876.0" in ml and "174" in ml
+
+
+def test_weights_scale_the_residual_variance(sleep):
+    """Var(ε_i) = σ²/w_i: doubling every weight doubles σ², divides θ by √2, and leaves β and the
+    log-likelihood unchanged (the −Σ log w_i term in the deviance cancels the change of scale)."""
+    f1 = sm.lmer(SLEEP, sleep, reml=False)
+    f2 = sm.lmer(SLEEP, sleep, reml=False, weights=np.full(180, 2.0))
+    np.testing.assert_allclose(f2.theta * np.sqrt(2.0), f1.theta, rtol=1e-3)
+    np.testing.assert_allclose(f2.fixef, f1.fixef, rtol=1e-6)
+    assert f2.sigma**2 == pytest.approx(2 * f1.sigma**2, rel=1e-4)
+    assert f2.loglik == pytest.approx(f1.loglik, abs=1e-6)
+
+
+def test_model_fit_dispatch(sleep):
+    m = sm.Model(SLEEP, sleep)
+    assert m.fit(method="ML").objective == pytest.approx(1751.93934448899, abs=1e-6)  # lme4 1.1-31 ML
+    with pytest.raises(ValueError, match="'REML' or 'ML'"):
+        m.fit(method="laplace")
+
+
+def test_no_warnings_on_a_clean_fit(sleep):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sm.lmer(SLEEP, sleep)

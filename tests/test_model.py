@@ -1,0 +1,228 @@
+"""The builder: X, y, Z, Λ(θ), θ bounds and names, and every bad-input message."""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import stochmm as sm
+from stochmm.errors import (
+    DataError,
+    DesignError,
+    FormulaError,
+    MissingColumnError,
+    MissingDataWarning,
+    RankDeficiencyWarning,
+)
+from stochmm.model import r_column_name
+
+
+@pytest.fixture(scope="module")
+def sleep():
+    return sm.datasets.load("sleepstudy")
+
+
+def test_sleepstudy_structures(sleep):
+    m = sm.Model("Reaction ~ Days + (Days | Subject)", sleep)
+    assert m.X.shape == (180, 2) and m.xnames == ["(Intercept)", "Days"]
+    np.testing.assert_array_equal(m.y, sleep["Reaction"].to_numpy())
+    assert sp.isspmatrix_csc(m.Z) and m.Z.shape == (180, 36)
+    # Khatri–Rao, level-major within the term: row i has (1, Days_i) in columns 2*level, 2*level+1
+    Zd = m.Z.toarray()
+    lev = sleep["Subject"].cat.codes.to_numpy()
+    for i in (0, 17, 179):
+        expected = np.zeros(36)
+        expected[2 * lev[i]], expected[2 * lev[i] + 1] = 1.0, sleep["Days"][i]
+        np.testing.assert_array_equal(Zd[i], expected)
+    assert m.theta_names == ["Subject.(Intercept)", "Subject.Days.(Intercept)", "Subject.Days"]
+    np.testing.assert_array_equal(m.theta0, [1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(m.lower, [0.0, -np.inf, 0.0])
+    T = m.lambda_blocks([2.0, 0.5, 3.0])[0]
+    np.testing.assert_array_equal(T, [[2.0, 0.0], [0.5, 3.0]])
+    L = m.Lambda(np.array([2.0, 0.5, 3.0]))
+    assert sp.issparse(L) and L.shape == (36, 36)
+    np.testing.assert_array_equal(L.toarray(), np.kron(np.eye(18), T))
+    assert m.ngroups == {"Subject": 18}
+
+
+def test_insteval_names_match_lme4(lme4_refs):
+    m = sm.Model("y ~ service * dept + (1 | s) + (1 | d)", sm.datasets.load("insteval"))
+    assert m.xnames == list(lme4_refs["insteval_ML"]["results"]["fixef"])
+    assert [t.group for t in m.terms] == ["s", "d"] and m.q == 2972 + 1128
+
+
+def test_terms_sorted_by_levels_stably():
+    ie = sm.datasets.load("penicillin")
+    m = sm.Model("diameter ~ 1 + (1 | sample) + (1 | plate)", ie)
+    assert [t.group for t in m.terms] == ["plate", "sample"]  # 24 before 6
+    assert m.theta_names == ["plate.(Intercept)", "sample.(Intercept)"]
+
+
+def test_double_bar_nesting_and_interaction(sleep):
+    m = sm.Model("Reaction ~ Days + (Days || Subject)", sleep)
+    assert [(t.group, t.cnames) for t in m.terms] == [("Subject", ["(Intercept)"]), ("Subject", ["Days"])]
+    assert m.theta_names == ["Subject.(Intercept)", "Subject.Days"]
+    p = sm.datasets.load("pastes")
+    m = sm.Model("strength ~ 1 + (1 | batch/cask)", p)
+    assert [(t.group, t.nlev) for t in m.terms] == [("cask:batch", 30), ("batch", 10)]
+    assert list(m.terms[0].levels[:3]) == ["a:A", "a:B", "a:C"]  # lme4's level order
+    m2 = sm.Model("strength ~ 1 + (1 | cask:batch) + (1 | batch)", p)
+    np.testing.assert_array_equal(m2.Z.toarray(), m.Z.toarray())
+
+
+def test_factor_slopes_and_numeric_grouping():
+    ob = sm.datasets.load("oats")
+    m = sm.Model("yield ~ 1 + (0 + Variety | Block)", ob)
+    assert m.terms[0].cnames == ["VarietyGolden Rain", "VarietyMarvellous", "VarietyVictory"]
+    assert m.terms[0].ntheta == 6
+    d = pd.DataFrame({"y": np.arange(12.0), "g": np.repeat([10, 2, 33], 4), "x": np.tile([0.0, 1, 2, 3], 3)})
+    m = sm.Model("y ~ x + (1 | g)", d)
+    assert list(m.terms[0].levels) == ["2", "10", "33"]  # numeric levels sort numerically, as factor() does
+
+
+def test_binomial_responses():
+    cb = sm.datasets.load("cbpp")
+    m = sm.Model("cbind(incidence, size - incidence) ~ period + (1 | herd)", cb, family="binomial")
+    np.testing.assert_allclose(m.y, cb["incidence"] / cb["size"])
+    np.testing.assert_array_equal(m.weights, cb["size"].to_numpy(float))
+    assert m.xnames == ["(Intercept)", "period2", "period3", "period4"]
+    cb2 = cb.assign(prop=cb["incidence"] / cb["size"])
+    m2 = sm.Model("prop ~ period + (1 | herd)", cb2, family="binomial", weights="size")
+    np.testing.assert_allclose(m2.y, m.y)
+    np.testing.assert_array_equal(m2.weights, m.weights)
+    va = sm.datasets.load("verbagg")
+    m = sm.Model("r2 ~ Anger + (1 | id)", va, family="binomial")  # two-level factor: first level = failure
+    np.testing.assert_array_equal(m.y, (va["r2"] == "Y").to_numpy(float))
+    m = sm.Model("yb ~ Anger + (1 | id)", va.assign(yb=va["r2"] == "Y"), family="binomial")
+    assert m.y.sum() == (va["r2"] == "Y").sum()
+
+
+def test_offsets():
+    cb = sm.datasets.load("cbpp")
+    m = sm.Model("incidence ~ period + offset(log(size)) + (1 | herd)", cb, family="poisson")
+    np.testing.assert_allclose(m.offset, np.log(cb["size"]))
+    m2 = sm.Model("incidence ~ period + (1 | herd)", cb, family="poisson", offset=np.log(cb["size"]))
+    np.testing.assert_allclose(m2.offset, m.offset)
+
+
+def test_new_design(sleep):
+    m = sm.Model("Reaction ~ Days + (Days | Subject)", sleep)
+    nd = pd.DataFrame({"Days": [0.0, 3.0], "Subject": ["309", "999"]})
+    X, re = m.new_design(nd)
+    np.testing.assert_array_equal(X, [[1.0, 0.0], [1.0, 3.0]])
+    refs, z = re[0]
+    assert list(refs) == [1, -1]  # an unseen level gets -1
+    np.testing.assert_array_equal(z, [[1.0, 0.0], [1.0, 3.0]])
+
+
+# ------------------------------------------------------------------------------------- bad input
+def test_misspelt_column_names_near_match(sleep):
+    with pytest.raises(MissingColumnError, match="'Reactoin'.*Did you mean 'Reaction'"):
+        sm.Model("Reactoin ~ Days + (Days | Subject)", sleep)
+    with pytest.raises(MissingColumnError, match="grouping factor.*'subject'.*Did you mean 'Subject'"):
+        sm.Model("Reaction ~ Days + (Days | subject)", sleep)
+
+
+def test_malformed_bar_term_shows_where(sleep):
+    with pytest.raises(FormulaError, match=r"nothing before '\|'") as ei:
+        sm.Model("Reaction ~ Days + ( | Subject)", sleep)
+    assert "^" in str(ei.value)
+
+
+def test_single_level_grouping_factor(sleep):
+    d = sleep[sleep["Subject"] == "308"]
+    with pytest.raises(DesignError, match="'Subject'.*single level.*'308'"):
+        sm.Model("Reaction ~ Days + (1 | Subject)", d)
+
+
+def test_more_random_effects_than_observations():
+    d = pd.DataFrame({"y": np.arange(10.0), "x": np.arange(10.0), "g": list("aabbccddee")})
+    with pytest.raises(DesignError, match=r"number of observations \(10\) <= number of random effects \(10\)"):
+        sm.Model("y ~ 1 + (x | g)", d)
+    d2 = d.assign(g=list("abcdefghij"))
+    with pytest.raises(DesignError, match="levels of grouping factor 'g' \\(10\\) must be less"):
+        sm.Model("y ~ 1 + (1 | g)", d2)
+
+
+def test_nas_dropped_with_counted_warning(sleep):
+    d = sleep.copy()
+    d.loc[[0, 5, 7], "Reaction"] = np.nan
+    d.loc[[9], "Days"] = np.nan
+    with pytest.warns(MissingDataWarning, match=r"4 of 180 rows dropped.*Reaction: 3, Days: 1"):
+        m = sm.Model("Reaction ~ Days + (Days | Subject)", d)
+    assert m.n == 176 and m.n_dropped_na == 4
+
+
+def test_rank_deficient_X_drops_named_columns(sleep):
+    d = sleep.assign(Days2=2 * sleep["Days"], c=3.0)
+    with pytest.warns(RankDeficiencyWarning, match="dropping 1 column.*Days2"):
+        m = sm.Model("Reaction ~ Days + Days2 + (1 | Subject)", d)
+    assert m.xnames == ["(Intercept)", "Days"] and m.dropped_columns == ["Days2"]
+    fit = sm.lmer("Reaction ~ Days + (1 | Subject)", sleep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit2 = sm.lmer("Reaction ~ Days + Days2 + (1 | Subject)", d)
+    assert fit2.objective == pytest.approx(fit.objective, abs=1e-8)
+
+
+def test_no_random_effects_names_alternative(sleep):
+    with pytest.raises(DesignError, match="no random-effects terms.*statsmodels.formula.api.ols"):
+        sm.lmer("Reaction ~ Days", sleep)
+    with pytest.raises(DesignError, match="statsmodels.formula.api.glm"):
+        sm.Model("incidence ~ period", sm.datasets.load("cbpp"), family="poisson")
+
+
+def test_empty_data_and_not_a_dataframe(sleep):
+    with pytest.raises(DataError, match="no rows"):
+        sm.Model("Reaction ~ Days + (1 | Subject)", sleep.iloc[:0])
+    with pytest.raises(DataError, match="pandas DataFrame"):
+        sm.Model("Reaction ~ Days + (1 | Subject)", sleep.to_dict())
+
+
+def test_bad_binomial_and_poisson_responses():
+    cb = sm.datasets.load("cbpp")
+    with pytest.raises(DataError, match=r"must be 0/1.*found \[2\.0, 3\.0"):
+        sm.Model("incidence ~ period + (1 | herd)", cb, family="binomial")
+    with pytest.raises(DataError, match="non-integer number of successes"):
+        sm.Model("p ~ period + (1 | herd)", cb.assign(p=cb["incidence"] / cb["size"]), family="binomial",
+                 weights=cb["size"] + 0.5)
+    with pytest.raises(DataError, match=r"proportions must lie in \[0, 1\]"):
+        sm.Model("p ~ period + (1 | herd)", cb.assign(p=cb["incidence"] * 1.0), family="binomial", weights="size")
+    with pytest.raises(DataError, match="non-negative"):
+        sm.Model("cbind(incidence, incidence - size) ~ period + (1 | herd)", cb, family="binomial")
+    va = sm.datasets.load("verbagg")
+    with pytest.raises(DataError, match="factor with 3 levels"):
+        sm.Model("resp ~ Anger + (1 | id)", va, family="binomial")
+    with pytest.raises(DataError, match="Poisson response must be non-negative"):
+        sm.Model("y ~ period + (1 | herd)", cb.assign(y=cb["incidence"] - 1), family="poisson")
+    with pytest.raises(DataError, match="weights must be positive"):
+        sm.Model("incidence ~ period + (1 | herd)", cb, family="poisson", weights=np.zeros(56))
+    with pytest.raises(DataError, match="unsupported family 'gamma'"):
+        sm.Model("incidence ~ period + (1 | herd)", cb, family="gamma")
+    with pytest.raises(DataError, match="use family='binomial'"):
+        sm.Model("r2 ~ Anger + (1 | id)", va)
+
+
+def test_callers_dataframe_is_never_mutated(sleep):
+    d = sleep.copy()
+    d.loc[3, "Reaction"] = np.nan
+    d["Subject"] = d["Subject"].cat.add_categories(["unused"])
+    before = d.copy(deep=True)
+    dtypes = d.dtypes.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sm.lmer("Reaction ~ Days + (Days | Subject)", d)
+        sm.Model("Reaction ~ Days + (Days || Subject)", d)
+    pd.testing.assert_frame_equal(d, before)
+    pd.testing.assert_series_equal(d.dtypes, dtypes)
+    assert "unused" in d["Subject"].cat.categories
+
+
+def test_r_column_names():
+    assert r_column_name("Intercept") == "(Intercept)"
+    assert r_column_name("period[T.2]") == "period2"
+    assert r_column_name("service[T.1]:dept[T.5]") == "service1:dept5"
+    assert r_column_name("f[a]") == "fa"
+    assert r_column_name("I(x ** 2)") == "I(x ** 2)"
