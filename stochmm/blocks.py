@@ -308,7 +308,7 @@ class BlockedSystem:
 
         Var(u | y) = σ² (L_Z L_Z')^{-1}; lme4's ``condVar`` is Λ of this Λ'.
         """
-        nlev, k, qr = self.nlev0, self.k0, self.q_rest
+        k, qr = self.k0, self.q_rest
         L0inv = np.linalg.inv(self.L0)  # (nlev, k, k)
         out0 = np.einsum("lba,lbc->lac", L0inv, L0inv)
         res: list[np.ndarray] = []

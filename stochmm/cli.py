@@ -66,7 +66,7 @@ def demo(args: argparse.Namespace) -> int:
     el = time.perf_counter() - t0
     text = str(fit.summary()).split("\nFixed effects:")[0]
     print(text)
-    print("\nFixed effects (first 6 of %d):" % len(fit.fixef))
+    print(f"\nFixed effects (first 6 of {len(fit.fixef)}):")
     print(fit.coef_table().head(6).round(5).to_string())
     print(f"\nwhole call (DataFrame -> fitted model) in {el:.2f} s ({fit.optsum.feval} deviance evaluations)")
     _versus(fit, "insteval_ML")

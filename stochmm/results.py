@@ -10,7 +10,6 @@ and the pieces of an lme4-style ``summary()``. Paths subclass it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -339,10 +338,9 @@ class MixedModelResults:
 
     def _random_effects_text(self) -> str:
         """The 'Random effects:' block of lme4's summary."""
-        groups = unique_group_names([t.group for t in self.model.terms])
         s = self.sigma if self._dispersion else 1.0
         entries = []  # (group label, name, variance, sd, correlations)
-        for name, t, T in zip(groups, self.model.terms, self.model.lambda_blocks(self.theta)):
+        for t, T in zip(self.model.terms, self.model.lambda_blocks(self.theta)):
             cov = s * s * (T @ T.T)
             sd = np.sqrt(np.diag(cov))
             with np.errstate(invalid="ignore", divide="ignore"):
@@ -358,8 +356,6 @@ class MixedModelResults:
         rows = [[g, nm, f"{v:.{dv}f}", f"{sd:.{ds}f}", " ".join("  NaN" if not np.isfinite(c) else f"{c:5.2f}" for c in cs)]
                 for g, nm, v, sd, cs in entries]
         header = ["Groups", "Name", "Variance", "Std.Dev.", "Corr" if has_corr else ""]
-        if not self._dispersion:
-            header, rows = header, rows
         widths = [max(len(r[j]) for r in rows + [header]) for j in range(5)]
         just = [str.ljust, str.ljust, str.rjust, str.rjust, str.ljust]
         lines = [(" " + " ".join(just[j](r[j], widths[j]) for j in range(5))).rstrip() for r in [header] + rows]
@@ -381,7 +377,7 @@ class MixedModelResults:
         for i in range(1, p):
             cells = " ".join(f"{corr[i, j]:.3f}".replace("0.", ".", 1).rjust(colw) if corr[i, j] >= 0 else f"{corr[i, j]:.3f}".replace("-0.", "-.", 1).rjust(colw) for j in range(i))
             lines.append(f"{names[i]:<{w0}} {cells}")
-        return "\n".join(lines) if p <= 12 else "Correlation matrix not shown by default, as p = %d > 12." % p
+        return "\n".join(lines) if p <= 12 else f"Correlation matrix not shown by default, as p = {p} > 12."
 
     def _residual_quantiles(self, r: np.ndarray) -> str:
         q = np.quantile(r, [0, 0.25, 0.5, 0.75, 1.0])

@@ -159,3 +159,16 @@ def test_no_warnings_on_a_clean_fit(sleep):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sm.lmer(SLEEP, sleep)
+
+
+def test_weighted_fit_matches_lme4(sleep):
+    """lme4 1.1-31: lmer(Reaction ~ Days + (Days|Subject), sleepstudy, weights = w) with
+    set.seed(1); w <- runif(180, 0.5, 2) (weights stored in tests/reference/)."""
+    from pathlib import Path
+
+    w = pd.read_csv(Path(__file__).parent / "reference" / "sleepstudy_weights_runif_seed1.csv")["w"].to_numpy()
+    f = sm.lmer(SLEEP, sleep, reml=False, weights=w)
+    assert f.objective == pytest.approx(1752.0062666881, abs=1e-6)
+    np.testing.assert_allclose(f.theta, [0.8222455045, 0.0275910595, 0.1943193761], atol=1e-4)
+    assert f.sigma == pytest.approx(28.0774682584, rel=1e-5)
+    assert sm.lmer(SLEEP, sleep, reml=True, weights=w).objective == pytest.approx(1743.8167317764, abs=1e-6)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import builtins
 import json
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 
 import pandas as pd
@@ -83,7 +83,7 @@ def _path(stem: str):
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_cached(name: str) -> pd.DataFrame:
     stem = _CATALOGUE[name][0]
     path = _path(stem)
