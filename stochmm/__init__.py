@@ -34,6 +34,10 @@ __all__ = [
     "Model",
     "datasets",
     "lmer",
+    "glmer",
+    "anova",
+    "anova_components",
+    "mom",
     "ConvergenceWarning",
     "DataError",
     "DesignError",
@@ -52,6 +56,10 @@ def __getattr__(name: str):
         from .lmm import lmer
 
         return lmer
+    if name == "anova":
+        from .comparison import anova
+
+        return anova
     if name in ("glmer",):
         from .glmm import glmer
 

@@ -66,8 +66,8 @@ class ProfiledDeviance:
         r2 = bs.pwrss
         if self.reml:
             nmp = self.n - self.p
-            return bs.logdet_L + bs.logdet_RX - self.ldW + nmp * (1.0 + _LOG2PI + np.log(r2 / nmp))
-        return bs.logdet_L - self.ldW + self.n * (1.0 + _LOG2PI + np.log(r2 / self.n))
+            return float(bs.logdet_L + bs.logdet_RX - self.ldW + nmp * (1.0 + _LOG2PI + np.log(r2 / nmp)))
+        return float(bs.logdet_L - self.ldW + self.n * (1.0 + _LOG2PI + np.log(r2 / self.n)))
 
 
 class LmmResults(MixedModelResults):

@@ -37,6 +37,7 @@ _FAMILIES = ("gaussian", "binomial", "poisson")
 # naming
 # ---------------------------------------------------------------------------------------------
 _FACTOR_COL = re.compile(r"^(?P<var>.*)\[(?:T\.)?(?P<level>.*)\]$")
+_POLY_COL = re.compile(r"^C\((?P<var>[^,]+), contr\.poly\)\[(?P<level>.*)\]$")
 
 
 def _split_colon(name: str) -> list[str]:
@@ -64,6 +65,11 @@ def r_column_name(name: str) -> str:
         return "(Intercept)"
     out = []
     for part in _split_colon(name):
+        poly = _POLY_COL.match(part)
+        if poly:  # ordered factor, polynomial contrasts: studage.L, studage.Q, studage^4
+            lev = poly.group("level")
+            out.append(f"{poly.group('var').strip().strip('`')}{lev}")
+            continue
         m = _FACTOR_COL.match(part)
         out.append(f"{m.group('var')}{m.group('level')}" if m else part)
     return ":".join(out)
@@ -91,6 +97,19 @@ def _split_args(s: str) -> list[str]:
             start = i + 1
     out.append(s[start:].strip())
     return out
+
+
+def _poly_ordered(formula: str, frame: pd.DataFrame) -> str:
+    """Give ordered factors R's default contrasts (``contr.poly``), as ``model.matrix`` does.
+
+    Bare names of ordered categorical columns are wrapped as ``C(name, contr.poly)``; names
+    already inside ``C(...)`` keep the contrasts the user chose.
+    """
+    ordered = [c for c in frame.columns
+               if isinstance(frame[c].dtype, pd.CategoricalDtype) and frame[c].cat.ordered]
+    for c in ordered:
+        formula = re.sub(rf"(?<![\w.`])(?<!C\(){re.escape(c)}(?![\w.`(])", f"C({c}, contr.poly)", formula)
+    return formula
 
 
 def _is_name(expr: str, columns) -> bool:
@@ -369,7 +388,7 @@ class Model:
     # ----------------------------------------------------------------------------- fixed part
     def _build_fixed(self, frame: pd.DataFrame) -> None:
         try:
-            mm = formulaic.model_matrix(self.parsed.fixed, frame, na_action="ignore")
+            mm = formulaic.model_matrix(_poly_ordered(self.parsed.fixed, frame), frame, na_action="ignore")
         except Exception as exc:
             raise FormulaError(f"cannot build the fixed-effects model matrix: {exc}", self.formula) from None
         self._fixed_spec = mm.model_spec
@@ -416,7 +435,7 @@ class Model:
         for bar in self.parsed.bars:
             group, levels, refs = self._grouping(bar, frame)
             try:
-                mm = formulaic.model_matrix(bar.lhs, frame, na_action="ignore")
+                mm = formulaic.model_matrix(_poly_ordered(bar.lhs, frame), frame, na_action="ignore")
             except Exception as exc:
                 raise FormulaError(f"cannot build the model matrix of {bar.text}: {exc}", self.formula) from None
             cnames = [r_column_name(c) for c in mm.columns]

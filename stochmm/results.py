@@ -322,6 +322,17 @@ class MixedModelResults:
                     eta = eta + contrib
         return eta if type == "link" else self._linkinv(eta)
 
+    def confint(self, level: float = 0.95) -> pd.DataFrame:
+        """confint(level=0.95) -> DataFrame
+
+        Wald intervals for the fixed effects (lme4's ``confint(fit, method = "Wald")``).
+        """
+        from scipy.stats import norm
+
+        z = norm.ppf(0.5 + level / 2)
+        lo, hi = f"{100 * (1 - level) / 2:.1f} %", f"{100 * (1 + level) / 2:.1f} %"
+        return pd.DataFrame({lo: self.fixef - z * self.se, hi: self.fixef + z * self.se})
+
     # -- summary pieces -------------------------------------------------------------------------
     def coef_table(self) -> pd.DataFrame:
         """Estimate, Std. Error and t (LMM) or z value with Pr(>|z|) (GLMM)."""

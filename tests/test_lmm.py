@@ -172,3 +172,22 @@ def test_weighted_fit_matches_lme4(sleep):
     np.testing.assert_allclose(f.theta, [0.8222455045, 0.0275910595, 0.1943193761], atol=1e-4)
     assert f.sigma == pytest.approx(28.0774682584, rel=1e-5)
     assert sm.lmer(SLEEP, sleep, reml=True, weights=w).objective == pytest.approx(1743.8167317764, abs=1e-6)
+
+
+def test_ordered_factors_use_polynomial_contrasts_like_r():
+    """Ordered factors get contr.poly, as R's model.matrix gives them. Reference:
+    lme4 1.1-31, lmer(y ~ studage * service + lectage + (1|s) + (1|d), InstEval, REML = TRUE)."""
+    fit = sm.lmer("y ~ studage * service + lectage + (1 | s) + (1 | d)", sm.datasets.load("insteval"))
+    names = ("(Intercept)|studage.L|studage.Q|studage.C|service1|lectage.L|lectage.Q|lectage.C|lectage^4|"
+             "lectage^5|studage.L:service1|studage.Q:service1|studage.C:service1").split("|")
+    beta = [3.228417814376, 0.075409749000, -0.012774100536, 0.042170380630, -0.074437966760, -0.190272573197,
+            0.018597685047, -0.022432304050, -0.019439905512, -0.040092365026, 0.050086193278, 0.041572384582,
+            -0.055067479656]
+    se = [0.019454891214, 0.021158956085, 0.018400434411, 0.018048869240, 0.013443598544, 0.016196686456,
+          0.012530428801, 0.013105348041, 0.013473676055, 0.015125972073, 0.021520179593, 0.019658145708,
+          0.018734792211]
+    assert list(fit.fixef.index) == names
+    assert fit.objective == pytest.approx(237629.144353375828, abs=1e-3)
+    np.testing.assert_allclose(fit.fixef, beta, rtol=1e-4)
+    np.testing.assert_allclose(fit.se, se, rtol=1e-3)
+    np.testing.assert_allclose(fit.theta, [0.277282472716, 0.439020423157], atol=1e-4)

@@ -10,7 +10,7 @@ Examples
 >>> df = sm.datasets.load("sleepstudy")
 >>> df.shape
 (180, 3)
->>> list(df["Subject"].cat.categories[:3])
+>>> df["Subject"].cat.categories[:3].tolist()
 ['308', '309', '310']
 """
 
@@ -115,10 +115,9 @@ def load(name: str) -> pd.DataFrame:
     Examples
     --------
     >>> import stochmm as sm
-    >>> sm.datasets.load("cbpp").dtypes["herd"]
-    CategoricalDtype(categories=['1', '2', '3', '4', '5', '6', '7', '8', '9', '10', '11', '12',
-                      '13', '14', '15'],
-    , ordered=False, categories_dtype=str)
+    >>> cbpp = sm.datasets.load("cbpp")
+    >>> cbpp["period"].cat.categories.tolist(), cbpp.shape
+    (['1', '2', '3', '4'], (56, 4))
     """
     key = name.lower()
     if key not in _CATALOGUE or _path(_CATALOGUE[key][0]) is None:
