@@ -194,6 +194,20 @@ def _anova(m: Model, y: np.ndarray, fixed: list[tuple[str, np.ndarray]], rterms:
     blocks = [cols for _, cols in fixed] + zcols
     coords = _sequential(C, My, blocks)
 
+    # the non-centrality of a fixed term counts its effects net of the terms marginal to it
+    # (sum-to-zero style: Q(nf) rather than Q(nf, nf:Variety) on balanced data)
+    F_all = np.vstack(coords)
+    rstart = np.cumsum([0] + [Fk.shape[0] for Fk in coords])
+    perps = []
+    for fname, fcols in fixed:
+        marg = [c for g, cc in fixed if _marginal(g, fname) for c in cc]
+        P = F_all[:, 1 + fcols]
+        if marg:
+            marg = np.asarray(marg)
+            coef = np.linalg.pinv(C[np.ix_(marg, marg)], hermitian=True) @ C[np.ix_(marg, fcols)]
+            P = P - F_all[:, 1 + marg] @ coef
+        perps.append(P)
+
     comp_names = [t.group for t in rterms] + ["Residual"]
     K = len(rterms)
     rows, coef, qsets, kinds = [], [], [], []
@@ -213,10 +227,9 @@ def _anova(m: Model, y: np.ndarray, fixed: list[tuple[str, np.ndarray]], rterms:
         ss = float(Fk[:, 0] @ Fk[:, 0])
         c = np.array([float(np.sum(Fk[:, 1 + zc] ** 2)) / df for zc in zcols] + [1.0])
         q = []
-        for fname, fcols in fixed:
-            mass = float(np.sum(Fk[:, 1 + fcols] ** 2))
-            scale = float(np.trace(C[np.ix_(fcols, fcols)]))
-            if mass > 1e-10 * max(scale, 1e-300):
+        for (fname, _), perp in zip(fixed, perps):
+            mass = float(np.sum(perp[rstart[b]:rstart[b] + df] ** 2))
+            if mass > 1e-10 * max(float(np.sum(perp**2)), 1e-300):
                 q.append(fname)
         rows.append((name, df, ss))
         coef.append(c)
@@ -294,6 +307,27 @@ def _anova(m: Model, y: np.ndarray, fixed: list[tuple[str, np.ndarray]], rterms:
         varcomp_raw=raw_s, fixef=fixef, vcov=pd.DataFrame(vcov, index=m.xnames, columns=m.xnames),
         nobs=n, ngroups={t.group: t.nlev for t in m.terms}, se_method="GLS given the variance components",
     )
+
+
+def _factors(term: str) -> frozenset[str]:
+    if term == "(Intercept)":
+        return frozenset()
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(term):
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        elif ch == ":" and depth == 0:
+            parts.append(term[start:i].strip())
+            start = i + 1
+    parts.append(term[start:].strip())
+    return frozenset(parts)
+
+
+def _marginal(a: str, b: str) -> bool:
+    """Whether fixed term ``a`` is marginal to ``b`` (its factors a proper subset of b's)."""
+    return _factors(a) < _factors(b)
 
 
 def _ems_text(c: np.ndarray, q: list[str], comp_names: list[str]) -> str:
