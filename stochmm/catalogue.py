@@ -1,7 +1,9 @@
 """The catalogue of reference models (``models/*.toml``) and checking fits against it.
 
-Each TOML file describes one model — dataset, formula, family, method — with
-reference values and where they came from (``source = "lme4 1.1-31, REML"``).
+Each TOML file describes one model — dataset, formula, family, method, and
+optionally ``weights``/``offset`` (column names) and an ``[options]`` table passed to
+``fit`` — with reference values and where they came from
+(``source = "lme4 1.1-31, REML"``).
 :func:`validate` fits every entry and tabulates ours against the reference;
 ``stochmm validate`` prints that table.
 
@@ -46,6 +48,9 @@ class CatalogueEntry:
     link: str | None = None
     description: str = ""
     tolerance: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    offset: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
     @property
@@ -74,7 +79,8 @@ def load_catalogue(directory: str | Path | None = None) -> list[CatalogueEntry]:
             id=raw["id"], dataset=raw["dataset"], formula=raw["formula"], family=raw.get("family", "gaussian"),
             method=raw.get("method", "REML"), source=raw["source"], reference=raw["reference"],
             nagq=int(raw.get("nagq", 1)), link=raw.get("link"), description=raw.get("description", ""),
-            tolerance=raw.get("tolerance", {}), path=p))
+            tolerance=raw.get("tolerance", {}), weights=raw.get("weights"), offset=raw.get("offset"),
+            options=raw.get("options", {}), path=p))
     return out
 
 
@@ -86,12 +92,12 @@ def fit_entry(entry: CatalogueEntry):
         from .families import get_family  # GLMM path
 
         family = get_family(entry.family, entry.link)
-    model = Model(entry.formula, data, family=family)
+    model = Model(entry.formula, data, family=family, weights=entry.weights, offset=entry.offset)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if entry.family == "gaussian":
-            return model.fit(method=entry.method)
-        return model.fit(method=entry.method, nagq=entry.nagq)
+            return model.fit(method=entry.method, **entry.options)
+        return model.fit(method=entry.method, nagq=entry.nagq, **entry.options)
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:

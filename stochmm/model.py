@@ -112,6 +112,9 @@ def _poly_ordered(formula: str, frame: pd.DataFrame) -> str:
     return formula
 
 
+_SIMPLE_ARITH = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*(\s*[-+*/]\s*([A-Za-z_][A-Za-z0-9_.]*|[0-9.]+))*$")
+
+
 def _is_name(expr: str, columns) -> bool:
     return expr.strip("`") in columns
 
@@ -124,6 +127,9 @@ def _eval_numeric(expr: str, frame: pd.DataFrame) -> np.ndarray:
         if isinstance(col.dtype, pd.CategoricalDtype) or col.dtype == object:
             raise DataError(f"{e!r} is not numeric (dtype {col.dtype})")
         return col.to_numpy(dtype=float)
+    if _SIMPLE_ARITH.match(e) and all(_is_name(v, frame.columns) for v in re.findall(r"[A-Za-z_][A-Za-z0-9_.]*", e)):
+        # `size - incidence`: plain arithmetic of numeric columns, no formula machinery needed
+        return np.asarray(frame.eval(e), dtype=float)
     mm = formulaic.model_matrix(f"0 + I({e})", frame, na_action="ignore")
     return np.asarray(mm, dtype=float)[:, 0]
 
@@ -434,16 +440,19 @@ class Model:
         terms, specs = [], []
         for bar in self.parsed.bars:
             group, levels, refs = self._grouping(bar, frame)
-            try:
-                mm = formulaic.model_matrix(_poly_ordered(bar.lhs, frame), frame, na_action="ignore")
-            except Exception as exc:
-                raise FormulaError(f"cannot build the model matrix of {bar.text}: {exc}", self.formula) from None
-            cnames = [r_column_name(c) for c in mm.columns]
-            z = np.ascontiguousarray(np.asarray(mm, dtype=float))
+            if bar.lhs.strip() == "1":  # the common (1 | g): no model matrix to build
+                cnames, z, spec = ["(Intercept)"], np.ones((self.n, 1)), None
+            else:
+                try:
+                    mm = formulaic.model_matrix(_poly_ordered(bar.lhs, frame), frame, na_action="ignore")
+                except Exception as exc:
+                    raise FormulaError(f"cannot build the model matrix of {bar.text}: {exc}", self.formula) from None
+                cnames = [r_column_name(c) for c in mm.columns]
+                z, spec = np.ascontiguousarray(np.asarray(mm, dtype=float)), mm.model_spec
             if z.shape[1] == 0:
                 raise FormulaError(f"random-effects term {bar.text} has no effects", self.formula)
             terms.append(ReTerm(group=group, lhs=bar.lhs, cnames=cnames, levels=levels, refs=refs, z=z, text=bar.text))
-            specs.append(mm.model_spec)
+            specs.append(spec)
         # lme4 order: decreasing number of levels, stable
         order = sorted(range(len(terms)), key=lambda i: -terms[i].nlev)
         self.terms: list[ReTerm] = [terms[i] for i in order]
@@ -540,7 +549,7 @@ class Model:
             return fit_lmm(self, reml=(m == "REML"), **options)
         from .glmm import fit_glmm
 
-        return fit_glmm(self, method=method or "laplace", **options)
+        return fit_glmm(self, method=method, **options)
 
     # ----------------------------------------------------------------------------- new data
     def new_design(self, newdata: pd.DataFrame) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
@@ -554,7 +563,10 @@ class Model:
         X = np.asarray(mm, dtype=float)[:, self._fixed_keep]
         out = []
         for t, spec, bar in zip(self.terms, self._term_specs, self._term_bars):
-            z = np.asarray(spec.get_model_matrix(newdata, na_action="ignore"), dtype=float)
+            if spec is None:
+                z = np.ones((len(newdata), 1))
+            else:
+                z = np.asarray(spec.get_model_matrix(newdata, na_action="ignore"), dtype=float)
             labels = newdata[bar.group_vars[0]].astype(str).to_numpy(dtype=object)
             for g in bar.group_vars[1:]:
                 labels = labels + ":" + newdata[g].astype(str).to_numpy(dtype=object)
@@ -568,13 +580,19 @@ class Model:
 
 
 def _family_name(family: Any) -> str:
+    """Family name for the builder's response checks.
+
+    Strings must name a built-in family; a family object (anything with a ``name``,
+    e.g. a subclass of :class:`stochmm.families.Family`) may define a new one, whose
+    response is taken as numeric.
+    """
     if family is None:
         return "gaussian"
     name = family if isinstance(family, str) else getattr(family, "name", None)
     if not isinstance(name, str):
         raise DataError(f"family must be a name or a family object, got {family!r}")
     name = name.lower()
-    if name not in _FAMILIES:
+    if isinstance(family, str) and name not in _FAMILIES:
         raise DataError(f"unsupported family {name!r}; supported: {', '.join(_FAMILIES)}")
     return name
 

@@ -291,12 +291,15 @@ class MixedModelResults:
     def residuals(self) -> np.ndarray:
         return self.model.y - self.fitted
 
-    def predict(self, newdata: pd.DataFrame | None = None, type: str = "response", re_form: str | None = "full") -> np.ndarray:
-        """predict(newdata=None, type="response", re_form="full") -> ndarray
+    def predict(self, newdata: pd.DataFrame | None = None, type: str = "response", re_form: str | None = "full",
+                offset: np.ndarray | str | None = None) -> np.ndarray:
+        """predict(newdata=None, type="response", re_form="full", offset=None) -> ndarray
 
         Predictions on the link (``type="link"``) or response scale. ``re_form=None``
         (or ``"~0"``) gives population-level predictions (random effects set to
-        zero); levels not seen in the fit get zero random effects.
+        zero); levels not seen in the fit get zero random effects. ``offset()`` terms
+        of the formula are evaluated on ``newdata``; an offset given to the fit as
+        ``offset=`` must be given again here for new data (values or a column name).
         """
         if type not in ("link", "response"):
             raise ValueError(f"type must be 'link' or 'response', not {type!r}")
@@ -313,6 +316,9 @@ class MixedModelResults:
 
                 for expr in m.parsed.offsets:
                     eta = eta + _eval_numeric(expr, newdata)
+            if offset is not None:
+                eta = eta + (newdata[offset].to_numpy(dtype=float) if isinstance(offset, str)
+                             else np.asarray(offset, dtype=float))
             if re_form not in (None, "~0", "NA"):
                 for (refs, z), t, sl in zip(re, m.terms, m.z_slices):
                     bt = self._b[sl].reshape(t.nlev, t.k)
