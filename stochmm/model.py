@@ -28,7 +28,7 @@ from .errors import (
 from .formula import BarTerm, ParsedFormula, parse_formula
 from .terms import ReTerm
 
-__all__ = ["Model", "r_column_name"]
+__all__ = ["Model", "r_column_name", "eval_numeric"]
 
 _FAMILIES = ("gaussian", "binomial", "poisson")
 
@@ -119,8 +119,12 @@ def _is_name(expr: str, columns) -> bool:
     return expr.strip("`") in columns
 
 
-def _eval_numeric(expr: str, frame: pd.DataFrame) -> np.ndarray:
-    """Evaluate a numeric expression of columns (``size - incidence``, ``log(n)``)."""
+def eval_numeric(expr: str, frame: pd.DataFrame) -> np.ndarray:
+    """eval_numeric(expr, frame) -> ndarray
+
+    Evaluate a numeric expression of columns (``size - incidence``, ``log(n)``) the
+    way the builder evaluates responses and offsets.
+    """
     e = expr.strip()
     if _is_name(e, frame.columns):
         col = frame[e.strip("`")]
@@ -181,6 +185,10 @@ class Model:
         n × p fixed-effects model matrix (rank-deficient columns dropped).
     xnames : list of str
         Its column names, as R names them (``"(Intercept)"``, ``"period2"``).
+    xterms : list of str
+        The formula term of each column of X (``"(Intercept)"``, ``"period"``, ``"nf:Variety"``).
+    fixed_spec : formulaic.ModelSpec
+        The fixed-effects encoding (contrasts, levels), to encode new data identically.
     y : numpy.ndarray
         Response; for binomial families the proportion of successes.
     weights : numpy.ndarray
@@ -318,7 +326,7 @@ class Model:
             if fam != "binomial":
                 raise DataError(f"cbind() responses are for binomial models, not {fam}")
             s_expr, f_expr = _split_args(resp[len("cbind(") : -1])
-            s, f = _eval_numeric(s_expr, frame), _eval_numeric(f_expr, frame)
+            s, f = eval_numeric(s_expr, frame), eval_numeric(f_expr, frame)
             for arr, lab in ((s, s_expr), (f, f_expr)):
                 if np.any(arr < 0):
                     raise DataError(f"binomial counts must be non-negative; {lab!r} has {arr[arr < 0][:5].tolist()}")
@@ -335,7 +343,7 @@ class Model:
         if _is_name(resp, frame.columns):
             col = frame[resp.strip("`")]
         else:
-            col = pd.Series(_eval_numeric(resp, frame))
+            col = pd.Series(eval_numeric(resp, frame))
         if fam == "binomial":
             self.y = self._binary(col, resp, prior)
             self.weights = self.prior_weights.copy()
@@ -412,11 +420,16 @@ class Model:
         self._fixed_keep = keep
         self.X = np.ascontiguousarray(X[:, keep])
         self.xnames = [nm for nm, k in zip(names, keep) if k]
+        col_term = np.empty(len(names), dtype=object)
+        for term, idx in mm.model_spec.term_indices.items():
+            name = re.sub(r"C\((`?[^,()]+`?), contr\.poly\)", r"\1", str(term))  # ordered factors: their name
+            col_term[idx] = "(Intercept)" if name == "1" else name
+        self.xterms: list[str] = [str(t) for t, k in zip(col_term, keep) if k]
 
     def _build_offset(self, frame: pd.DataFrame, offset) -> None:
         off = np.zeros(self.n)
         for expr in self.parsed.offsets:
-            off += _eval_numeric(expr, frame)
+            off += eval_numeric(expr, frame)
         extra = self._vector_arg(offset, frame, "offset")
         if extra is not None:
             off += extra
@@ -487,6 +500,16 @@ class Model:
             raise DesignError(f"{self.n} observations cannot estimate {self.p} fixed effects and a residual variance")
 
     # ----------------------------------------------------------------------------- θ and Λ
+    @property
+    def fixed_spec(self):
+        """The formulaic ``ModelSpec`` of the fixed part (before rank-deficient columns are dropped)."""
+        return self._fixed_spec
+
+    @property
+    def fixed_keep(self) -> np.ndarray:
+        """Keep-mask over ``fixed_spec``'s columns (False where dropped for rank deficiency)."""
+        return self._fixed_keep
+
     @property
     def p(self) -> int:
         return self.X.shape[1]

@@ -312,10 +312,10 @@ class MixedModelResults:
             X, re = m.new_design(newdata)
             eta = X @ self._beta
             if m.parsed.offsets:
-                from .model import _eval_numeric
+                from .model import eval_numeric
 
                 for expr in m.parsed.offsets:
-                    eta = eta + _eval_numeric(expr, newdata)
+                    eta = eta + eval_numeric(expr, newdata)
             if offset is not None:
                 eta = eta + (newdata[offset].to_numpy(dtype=float) if isinstance(offset, str)
                              else np.asarray(offset, dtype=float))

@@ -226,3 +226,11 @@ def test_r_column_names():
     assert r_column_name("service[T.1]:dept[T.5]") == "service1:dept5"
     assert r_column_name("f[a]") == "fa"
     assert r_column_name("I(x ** 2)") == "I(x ** 2)"
+
+
+def test_xterms_and_fixed_spec():
+    m = sm.Model("yield ~ nf * Variety + (1 | Block/Variety)", sm.datasets.load("oats"))
+    assert m.xterms == ["(Intercept)"] + ["nf"] * 3 + ["Variety"] * 2 + ["nf:Variety"] * 6
+    assert len(m.fixed_keep) == len(m.fixed_spec.column_names) == 12
+    ie = sm.Model("y ~ studage + (1 | s)", sm.datasets.load("insteval"))
+    assert ie.xterms == ["(Intercept)", "studage", "studage", "studage"]  # contr.poly, named for the factor

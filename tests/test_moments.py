@@ -107,6 +107,8 @@ def test_pastes_nested_and_penicillin_crossed_equal_reml(lme4_refs):
     assert pastes.table.loc["batch", "EMS"] == "σ² + 2·σ²(cask:batch) + 6·σ²(batch)"
     assert pastes.table.loc["batch", "error"] == "cask:batch"
     assert pastes.se["(Intercept)"] == pytest.approx(lme4_refs["pastes_nested_REML"]["results"]["se"]["(Intercept)"], rel=1e-5)
+    reml = sm.lmer("strength ~ 1 + (1 | batch/cask)", sm.datasets.load("pastes"))
+    assert pastes.varcomp.to_numpy() == pytest.approx(reml.varcorr["variance"].to_numpy(), rel=1e-5)
 
     pen = sm.anova_components("diameter ~ 1 + (1 | plate) + (1 | sample)", sm.datasets.load("penicillin"))
     ref = vc_ref(lme4_refs, "penicillin_crossed_REML")  # lme4: plate 0.71691, sample 3.73113, 0.30241
@@ -115,6 +117,26 @@ def test_pastes_nested_and_penicillin_crossed_equal_reml(lme4_refs):
     assert pen.table.loc["sample", "EMS"] == "σ² + 24·σ²(sample)"
     reml = sm.lmer("diameter ~ 1 + (1 | plate) + (1 | sample)", sm.datasets.load("penicillin"))
     assert pen.varcomp.to_numpy() == pytest.approx(reml.varcorr["variance"].to_numpy(), rel=1e-5)
+
+
+def test_mixed_two_way_unrestricted_ems():
+    # fixed A (3 levels) x random B (8 levels), 2 replicates: the unrestricted mixed model lme4 fits
+    rng = np.random.default_rng(5)
+    A = np.tile(np.repeat(["a1", "a2", "a3"], 2), 8)
+    B = np.repeat([f"b{i}" for i in range(8)], 6)
+    ai, bi = pd.factorize(A)[0], pd.factorize(B)[0]
+    y = (10 + np.array([0, 1, 2])[ai] + rng.normal(0, 1, 8)[bi] + rng.normal(0, 0.8, 24)[bi * 3 + ai]
+         + rng.normal(0, 0.5, 48))
+    d = pd.DataFrame({"y": y, "A": A, "B": B})
+    fit = sm.anova_components("y ~ A + (1 | B) + (1 | A:B)", d)
+    assert fit.table["EMS"].to_dict() == {
+        "A": "σ² + 2·σ²(A:B) + Q(A)", "B": "σ² + 2·σ²(A:B) + 6·σ²(B)", "A:B": "σ² + 2·σ²(A:B)", "Residual": "σ²"}
+    assert fit.table.loc["A", "error"] == "A:B" and fit.table.loc["B", "error"] == "A:B"
+    ms = fit.table["MS"]
+    assert fit.varcomp["B"] == pytest.approx((ms["B"] - ms["A:B"]) / 6, rel=1e-12)
+    reml = sm.lmer("y ~ A + (1 | B) + (1 | A:B)", d)
+    assert fit.varcomp.to_numpy() == pytest.approx(reml.varcorr["variance"].to_numpy(), rel=1e-5)
+    assert fit.se.to_numpy() == pytest.approx(reml.se.to_numpy(), rel=1e-5)
 
 
 def test_unbalanced_oneway_closed_form():

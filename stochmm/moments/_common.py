@@ -84,22 +84,8 @@ def fixed_term_columns(m: Model) -> list[tuple[str, np.ndarray]]:
     The intercept is named ``"(Intercept)"``; columns dropped for rank deficiency are
     left out, and a term with no columns left is omitted.
     """
-    xterms = getattr(m, "xterms", None)  # a public per-column term map, if the builder grows one
-    if xterms is not None:
-        names = list(dict.fromkeys(xterms))
-        return [(nm, np.flatnonzero(np.asarray(xterms) == nm)) for nm in names]
-    spec = getattr(m, "_fixed_spec", None)
-    keep = getattr(m, "_fixed_keep", None)
-    if spec is None or keep is None or not hasattr(spec, "term_indices"):
-        return [(nm, np.array([j])) for j, nm in enumerate(m.xnames)]
-    new_index = np.cumsum(keep) - 1
-    out = []
-    for term, idx in spec.term_indices.items():
-        cols = [int(new_index[i]) for i in idx if keep[i]]
-        if cols:
-            name = str(term)
-            out.append(("(Intercept)" if name == "1" else name, np.asarray(cols)))
-    return out
+    xterms = np.asarray(m.xterms, dtype=object)
+    return [(nm, np.flatnonzero(xterms == nm)) for nm in dict.fromkeys(m.xterms)]
 
 
 def independent_from_gram(G: np.ndarray, tol: float = 1e-7) -> np.ndarray:
@@ -132,6 +118,14 @@ def independent_from_gram(G: np.ndarray, tol: float = 1e-7) -> np.ndarray:
             kept.append(j)
             keep[j] = True
     return keep
+
+
+def progress_bar(total: int, desc: str, disable: bool):
+    """A tqdm progress bar (a notebook widget where ipywidgets is installed, text otherwise)."""
+    with warnings.catch_warnings():  # tqdm.auto warns once when it falls back from widgets to text
+        warnings.simplefilter("ignore")
+        from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, disable=disable, leave=False)
 
 
 def fmt_num(c: float) -> str:

@@ -29,6 +29,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
+from scipy.linalg import solve_triangular
+from scipy.linalg.lapack import dpstrf
 
 from ..errors import DesignError
 from ..model import Model
@@ -152,31 +154,47 @@ def _indicator(t: ReTerm, n: int) -> sp.csr_matrix:
     return sp.csr_matrix((np.ones(n), (np.arange(n), t.refs)), shape=(n, t.nlev))
 
 
-def _sequential(C: np.ndarray, My: np.ndarray, blocks: list[np.ndarray]) -> list[np.ndarray]:
+def _sequential(C: np.ndarray, My: np.ndarray, blocks: list[np.ndarray], n_fixed: int) -> list[np.ndarray]:
     """Block Gram–Schmidt on the cross-product matrix, in the order of ``blocks``.
 
     Returns, for each block, the coordinates (rows) of the targets ``[y, M]`` on the
     orthonormal directions the block adds to the span of the blocks before it; the
     squared norms of a target's coordinates in block k are ``w'(P_k − P_{k−1})w``.
+
+    Only the coordinates that are used are computed: ``y``, the fixed-effects
+    columns, and the columns of the random blocks *after* block k (a block's own
+    columns and those of earlier blocks are in the span; ``_anova`` gets their
+    traces from ``tr(Z'Z) − ‖P_{k−1} Z‖²``). Other entries are left at 0. Each block's
+    new directions come from a pivoted Cholesky factorization (LAPACK ``dpstrf``)
+    of the block's Schur complement, which also finds its rank.
     """
     dg = np.sqrt(np.diag(C))
     dg[dg == 0] = 1.0
     Cs = C / np.outer(dg, dg)
-    T = np.hstack([(My / dg)[:, None], Cs])  # inner products of the scaled columns with the targets
     d = C.shape[0]
+    T = np.empty((d, d + 1))  # inner products of the scaled columns with the targets [y, M]
+    T[:, 0] = My / dg
+    T[:, 1:] = Cs
     F = np.zeros((0, d + 1))
+    fixed_cols = np.concatenate([blocks[i] for i in range(n_fixed)] + [np.zeros(0, dtype=int)]).astype(int)
     out = []
-    for idx in blocks:
+    for k, idx in enumerate(blocks):
+        later = [blocks[j] for j in range(max(k + 1, n_fixed), len(blocks))]
+        tgt = np.concatenate([[0], 1 + fixed_cols] + [1 + b for b in later]).astype(int)
         E = F[:, 1 + idx]
         S = Cs[np.ix_(idx, idx)] - E.T @ E
-        lam, U = np.linalg.eigh((S + S.T) / 2)
-        keep = lam > _EIG_TOL * max(1.0, lam.max(initial=0.0))
-        U, lam = U[:, keep], lam[keep]
-        Fk = (U / np.sqrt(lam)).T @ (T[idx, :] - E.T @ F)
+        if S.size == 0 or np.max(np.diag(S)) <= _EIG_TOL:  # dpstrf applies tol from its 2nd pivot on
+            U, piv, rank = S, np.zeros(0, dtype=int), 0
+        else:
+            U, piv, rank, _ = dpstrf((S + S.T) / 2, tol=_EIG_TOL, lower=0)
+        piv = piv[:rank] - 1
+        Fk = np.zeros((rank, d + 1))
+        if rank:
+            rhs = T[np.ix_(idx[piv], tgt)] - E[:, piv].T @ F[:, tgt]
+            Fk[:, tgt] = solve_triangular(np.triu(U[:rank, :rank]), rhs, trans="T", lower=False)
         out.append(Fk)
         F = np.vstack([F, Fk])
-    # coordinates of the unscaled columns
-    for Fk in out:
+    for Fk in out:  # coordinates of the unscaled columns
         Fk[:, 1:] *= dg
     return out
 
@@ -192,7 +210,7 @@ def _anova(m: Model, y: np.ndarray, fixed: list[tuple[str, np.ndarray]], rterms:
     offs = np.cumsum([0, p] + [t.nlev for t in rterms])
     zcols = [np.arange(offs[j + 1], offs[j + 2]) for j in range(len(rterms))]
     blocks = [cols for _, cols in fixed] + zcols
-    coords = _sequential(C, My, blocks)
+    coords = _sequential(C, My, blocks, len(fixed))
 
     # the non-centrality of a fixed term counts its effects net of the terms marginal to it
     # (sum-to-zero style: Q(nf) rather than Q(nf, nf:Variety) on balanced data)
@@ -211,7 +229,7 @@ def _anova(m: Model, y: np.ndarray, fixed: list[tuple[str, np.ndarray]], rterms:
     comp_names = [t.group for t in rterms] + ["Residual"]
     K = len(rterms)
     rows, coef, qsets, kinds = [], [], [], []
-    for b, (Fk, cols) in enumerate(zip(coords, blocks)):
+    for b, Fk in enumerate(coords):
         is_fixed = b < len(fixed)
         name = fixed[b][0] if is_fixed else rterms[b - len(fixed)].group
         df = Fk.shape[0]
@@ -225,7 +243,16 @@ def _anova(m: Model, y: np.ndarray, fixed: list[tuple[str, np.ndarray]], rterms:
                 f"fitted before it are in the model (it is confounded with them): its variance is not estimable"
             )
         ss = float(Fk[:, 0] @ Fk[:, 0])
-        c = np.array([float(np.sum(Fk[:, 1 + zc] ** 2)) / df for zc in zcols] + [1.0])
+        c = np.ones(K + 1)
+        for j, zc in enumerate(zcols):
+            jb = len(fixed) + j  # block of random term j
+            if jb > b:
+                c[j] = float(np.sum(Fk[:, 1 + zc] ** 2)) / df
+            elif jb == b:  # tr(Z'(P_b − P_{b−1})Z) = tr(Z'Z) − ‖P_{b−1} Z‖² (Z is in the span at b)
+                prev = F_all[:rstart[b], 1 + zc]
+                c[j] = (float(np.trace(C[np.ix_(zc, zc)])) - float(np.sum(prev**2))) / df
+            else:  # fitted before: already in the span
+                c[j] = 0.0
         q = []
         for (fname, _), perp in zip(fixed, perps):
             mass = float(np.sum(perp[rstart[b]:rstart[b] + df] ** 2))

@@ -245,7 +245,21 @@ def fit_crossed(st: CrossedStats, xnames: list[str]) -> dict:
 def crossed_arrays_fit(X: np.ndarray, y: np.ndarray, ca: np.ndarray, keys_a: pd.Index, cb: np.ndarray,
                        keys_b: pd.Index, xnames: list[str], wa: np.ndarray | None = None,
                        wb: np.ndarray | None = None) -> dict:
-    """Both passes and the estimate on in-memory arrays (optionally with bootstrap multiplicities)."""
+    """crossed_arrays_fit(X, y, ca, keys_a, cb, keys_b, xnames, wa=None, wb=None) -> dict
+
+    Both passes and the estimate on in-memory arrays (``wa``/``wb``: bootstrap
+    multiplicities of the levels). Returns ``sig`` (σ²_a, σ²_b, σ²_e), ``beta``, ``vcov``.
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd
+    >>> rng = np.random.default_rng(1)
+    >>> a, b = np.repeat(np.arange(200), 50), np.tile(np.arange(50), 200)
+    >>> y = rng.normal(0, 1, 200)[a] + rng.normal(0, 0.5, 50)[b] + rng.normal(0, 0.3, a.size)
+    >>> out = crossed_arrays_fit(np.ones((a.size, 1)), y, a, pd.RangeIndex(200), b, pd.RangeIndex(50), ["(Intercept)"])
+    >>> np.round(out["sig"], 2)
+    array([0.85, 0.2 , 0.09])
+    """
     st = crossed_pass1(X, y, ca, keys_a, cb, keys_b, wa, wb)
     if not _is_intercept_only(xnames):
         wo = None if wa is None else wa[ca] * wb[cb]
@@ -262,17 +276,19 @@ def pigeonhole_bootstrap(X: np.ndarray, y: np.ndarray, ca: np.ndarray, keys_a: p
     with replacement; each replicate re-estimates (σ²_a, σ²_b, σ²_e, β) exactly (a
     replicated level counts as a new level). O(n p²) per replicate.
     """
-    from tqdm.auto import tqdm
+    from ._common import progress_bar
 
     rng = np.random.default_rng(seed)
     La, Lb = len(keys_a), len(keys_b)
     out = []
-    for _ in tqdm(range(nboot), desc="pigeonhole bootstrap", disable=not progress, leave=False):
-        wa = rng.multinomial(La, np.full(La, 1.0 / La)).astype(float)
-        wb = rng.multinomial(Lb, np.full(Lb, 1.0 / Lb)).astype(float)
-        try:
-            r = crossed_arrays_fit(X, y, ca, keys_a, cb, keys_b, xnames, wa, wb)
-            out.append(np.r_[r["sig"], r["beta"]])
-        except (np.linalg.LinAlgError, DesignError):
-            out.append(np.full(3 + X.shape[1], np.nan))
+    with progress_bar(nboot, "pigeonhole bootstrap", not progress) as bar:
+        for _ in range(nboot):  # replicates; each is vectorised over observations and levels
+            wa = rng.multinomial(La, np.full(La, 1.0 / La)).astype(float)
+            wb = rng.multinomial(Lb, np.full(Lb, 1.0 / Lb)).astype(float)
+            try:
+                r = crossed_arrays_fit(X, y, ca, keys_a, cb, keys_b, xnames, wa, wb)
+                out.append(np.r_[r["sig"], r["beta"]])
+            except (np.linalg.LinAlgError, DesignError):
+                out.append(np.full(3 + X.shape[1], np.nan))
+            bar.update(1)
     return np.vstack(out)

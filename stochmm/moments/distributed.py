@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError, DesignError, MissingDataWarning, RankDeficiencyWarning
-from ..model import Model, _eval_numeric, r_column_name
+from ..model import Model, eval_numeric, r_column_name
 from ._common import independent_from_gram, require_intercept_terms
 
 __all__ = ["fit_parquet", "DaskDesign", "is_dask"]
@@ -68,9 +68,9 @@ class DaskDesign:
             return np.zeros((0, len(self.xnames_all))), np.zeros(0), [], n_na
         X = np.asarray(self.spec.get_model_matrix(df, na_action="ignore"), dtype=float)
         r = self.response.strip("`")
-        y = df[r].to_numpy(dtype=float) if r in df.columns else _eval_numeric(self.response, df)
+        y = df[r].to_numpy(dtype=float) if r in df.columns else eval_numeric(self.response, df)
         for off in self.offsets:
-            y = y - _eval_numeric(off, df)
+            y = y - eval_numeric(off, df)
         codes = []
         for gv in self.group_vars:
             if len(gv) == 1:
@@ -105,7 +105,16 @@ def prepare(formula: str, ddf) -> tuple[Any, DaskDesign]:
     unknown = [c for c in fixed_vars if isinstance(ddf.dtypes[c], pd.CategoricalDtype)
                and not ddf[c].cat.known]
     if to_cat or unknown:
-        ddf = ddf.categorize(columns=sorted(set(to_cat) | set(unknown)))
+        # one pass for the levels of string factor columns, sorted as R's factor() (and the builder) does;
+        # (dask's categorize() trips over column projection in some dask-expr versions)
+        cols = sorted(set(to_cat) | set(unknown))
+        import dask
+
+        uniq = dask.compute(*[ddf[c].dropna().unique() for c in cols])
+        ddf = ddf.assign(**{c: ddf[c].astype(pd.CategoricalDtype(np.sort(np.asarray(u, dtype=object).astype(str))
+                                                                 if c in to_cat else
+                                                                 pd.Index(u).sort_values()))
+                            for c, u in zip(cols, uniq)})
     head = ddf.head(2000, npartitions=min(ddf.npartitions, 8))
     if len(head) < 4:
         raise DataError(f"the data have {len(head)} rows in their first partitions: too few to set up the model")
@@ -117,13 +126,15 @@ def prepare(formula: str, ddf) -> tuple[Any, DaskDesign]:
         m = Model(formula, proto)
     require_intercept_terms(m, "mom")
     frame = m.frame
-    mm = formulaic.model_matrix(m.parsed.fixed, frame, na_action="ignore")
+    # the builder's own fixed-effects spec (its contrasts, e.g. contr.poly for ordered factors, and its
+    # column names); all of its columns: rank deficiency is decided later, on the global X'X
+    spec = m.fixed_spec
     bars = {":".join(b.group_vars): b.group_vars for b in m.parsed.bars}
     groups = [":".join(b.group_vars) for b in m.parsed.bars]
     groups = list(dict.fromkeys(groups))
     design = DaskDesign(
         formula=m.formula, columns=list(frame.columns), response=m.parsed.response, offsets=m.parsed.offsets,
-        spec=mm.model_spec, xnames_all=[r_column_name(c) for c in mm.columns], groups=groups,
+        spec=spec, xnames_all=[r_column_name(c) for c in spec.column_names], groups=groups,
         group_vars=[bars[g] for g in groups],
     )
     return ddf[design.columns], design

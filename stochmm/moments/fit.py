@@ -27,10 +27,11 @@ __all__ = ["mom", "MomentFit"]
 
 
 class MomentFit(MomentResults):
-    """Result of :func:`stochmm.mom`.
+    """Result of :func:`stochmm.mom`: the attributes of
+    :class:`~stochmm.moments._common.MomentResults` and those below.
 
-    Attributes (besides those of :class:`~stochmm.moments._common.MomentResults`)
-    ----------------------------------------------------------------------------
+    Attributes
+    ----------
     boot : pandas.DataFrame or None
         Bootstrap replicates (variance components, then fixed effects).
     chunks : pandas.DataFrame or None
@@ -241,15 +242,15 @@ def _mom_pandas(formula, data, method, size_effect, se, nboot, seed, alchemy, ch
             ct, xnames = _with_size(ct, xnames, t.group)
         out = fit_oneway(ct, method=method, se=se1, nboot=nboot, seed=seed, progress=progress)
         return _result_oneway(out, m.formula, method, t.group, xnames, ct, info)
+    if se == "delta":
+        raise DesignError("se='delta' is for the one-factor model; two crossed factors take se='bootstrap'")
     ta, tb = m.terms
     keys_a, keys_b = pd.Index(ta.levels), pd.Index(tb.levels)
     out = crossed_arrays_fit(X, y, ta.refs, keys_a, tb.refs, keys_b, xnames)
-    if se == "delta":
-        raise DesignError("se='delta' is for the one-factor model; two crossed factors take se='bootstrap'")
     boot = None
     if se == "bootstrap":
         boot = pigeonhole_bootstrap(X, y, ta.refs, keys_a, tb.refs, keys_b, xnames, nboot, seed, progress)
-    info["cells_exact"] = True
+    info["cells_exact"] = "in memory"
     return _result_crossed(out, m.formula, [ta.group, tb.group], [ta.nlev, tb.nlev], xnames, m.n, info, boot)
 
 
