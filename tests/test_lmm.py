@@ -191,3 +191,23 @@ def test_ordered_factors_use_polynomial_contrasts_like_r():
     np.testing.assert_allclose(fit.fixef, beta, rtol=1e-4)
     np.testing.assert_allclose(fit.se, se, rtol=1e-3)
     np.testing.assert_allclose(fit.theta, [0.277282472716, 0.439020423157], atol=1e-4)
+
+
+def test_moment_start_values():
+    """Random-intercept models start from moment estimates (fewer evaluations, same optimum)."""
+    from stochmm.lmm import moment_start
+
+    p = sm.datasets.load("penicillin")
+    f = "diameter ~ 1 + (1 | plate) + (1 | sample)"
+    classic = sm.lmer(f, p, start="lme4")
+    default = sm.lmer(f, p)
+    np.testing.assert_array_equal(classic.optsum.x0, [1.0, 1.0])
+    np.testing.assert_allclose(default.optsum.x0, moment_start(sm.Model(f, p)))
+    # balanced crossed design: the moment estimates are the REML estimates already (lme4 1.1-31 REML θ)
+    np.testing.assert_allclose(default.optsum.x0, [1.539675554152165, 3.5125188600064563], rtol=2e-3)
+    assert default.optsum.feval < classic.optsum.feval
+    assert default.objective <= classic.objective + 1e-9
+    with pytest.raises(ValueError, match="'moments' or 'lme4'"):
+        sm.lmer(f, p, start="best")
+    with pytest.raises(ValueError, match="random-intercept"):
+        moment_start(sm.Model(SLEEP, sm.datasets.load("sleepstudy")))

@@ -20,10 +20,11 @@ Examples
 from ._common import MomentResults, NegativeEstimateWarning
 from .anova import AnovaComponents, anova_components
 from .distributed import fit_parquet
-from .fit import MomentFit, mom
+from .fit import MomentFit, model_varcomp, mom
 from .randomn import ClusterTable, fit_oneway
 
 __all__ = [
+    "model_varcomp",
     "anova_components",
     "mom",
     "fit_parquet",

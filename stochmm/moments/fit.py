@@ -23,7 +23,7 @@ from .crossed import (
 from .distributed import compute, is_dask, prepare, rank_keep, tree_reduce, warn_na
 from .randomn import ClusterTable, fit_oneway
 
-__all__ = ["mom", "MomentFit"]
+__all__ = ["mom", "MomentFit", "model_varcomp"]
 
 
 class MomentFit(MomentResults):
@@ -225,6 +225,36 @@ def _result_alchemy(est: np.ndarray, formula: str, method: str, names: list[str]
 # ---------------------------------------------------------------------------------------------
 # pandas
 # ---------------------------------------------------------------------------------------------
+def model_varcomp(m: Model) -> pd.Series:
+    """model_varcomp(m) -> Series
+
+    Moment estimates of the variance components of an already built
+    random-intercept :class:`~stochmm.Model` (nothing re-parsed, no Z rebuilt):
+    Henderson III for one term, Gao–Owen U-statistics for two crossed terms, the
+    ANOVA (Type I, Henderson III) equations for more. Negative estimates are
+    truncated to 0 (with a warning). Indexed like ``varcorr``'s ``group`` column,
+    plus ``Residual``; used by ``sm.lmer``'s moment start values.
+
+    Examples
+    --------
+    >>> import stochmm as sm
+    >>> m = sm.Model("Yield ~ 1 + (1 | Batch)", sm.datasets.load("dyestuff"))
+    >>> model_varcomp(m).round(2).to_dict()
+    {'Batch': 1764.05, 'Residual': 2451.25}
+    """
+    require_intercept_terms(m, "model_varcomp")
+    y = m.y - m.offset
+    if len(m.terms) <= 2:
+        method = "anova" if len(m.terms) == 1 else "ustat"
+        vec, names, _ = _fit_arrays(m.X, y, [(t.refs, pd.Index(t.levels)) for t in m.terms],
+                                    [t.group for t in m.terms], list(m.xnames), method, False)
+        return pd.Series(np.maximum(vec[: len(names)], 0.0), index=names)
+    from ._common import fixed_term_columns
+    from .anova import _anova, _fit_order
+
+    return _anova(m, y, fixed_term_columns(m), _fit_order(m, None)).varcomp
+
+
 def _mom_pandas(formula, data, method, size_effect, se, nboot, seed, alchemy, chunks, progress) -> MomentFit:
     m = Model(formula, data)
     require_intercept_terms(m, "mom")
