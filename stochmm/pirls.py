@@ -26,9 +26,10 @@ parameter change — which saves about one iteration per evaluation.
 Two engines share that interface:
 
 * :class:`BlockedEngine` – any random-effects structure (crossed, nested,
-  several vector-valued terms) on :class:`ReweightedSystem`, a
-  :class:`~stochmm.blocks.BlockedSystem` whose cross-products are recomputed per
-  iteration by precomputed scatter-adds (no dense q × q matrix is ever formed);
+  several vector-valued terms) on :class:`~stochmm.blocks.BlockedSystem`, whose
+  cross-products are recomputed per iteration by
+  :meth:`~stochmm.blocks.BlockedSystem.reweight` with precomputed scatter-adds
+  (no dense q × q matrix is ever formed);
 * :class:`LevelEngine` – a single grouping factor (possibly several terms, e.g.
   ``(1 | g) + (0 + x | g)``, or one vector-valued term): H is block diagonal with
   one k × k block per level and everything is vectorised over levels. It is what
@@ -49,13 +50,13 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg as sla
-import scipy.sparse as sp
 
-from .blocks import BlockedSystem, _GramProduct
+from .blocks import BlockedSystem
 from .errors import DesignError
 from .families import Family
 
-__all__ = ["PirlsState", "ReweightedSystem", "BlockedEngine", "LevelEngine", "make_engine", "single_factor", "blas_threads"]
+__all__ = ["PirlsState", "BlockedEngine", "LevelEngine", "make_engine", "single_factor", "blas_threads"]
+
 
 _TOL_DECREMENT = 1e-22  # Newton decrement λ² = δ'Hδ (relative to max(1, D)) at which PIRLS stops
 _TOL_STAGNATE = 1e-12  # ... or below this, when λ² stops falling (round-off floor)
@@ -112,200 +113,6 @@ def _tril_pairs(k: int) -> list[tuple[int, int]]:
 
 
 # =============================================================================================
-# the reweighted blocked system
-# =============================================================================================
-class ReweightedSystem(BlockedSystem):
-    """ReweightedSystem(terms, X)
-
-    A :class:`~stochmm.blocks.BlockedSystem` for PIRLS: the cross-products of
-    ``[Z X y]`` are recomputed for new weights by :meth:`reweight` with scatter-adds
-    over index maps computed once (``np.bincount``), keeping the sparsity pattern of
-    the off-diagonal block fixed, instead of sparse matrix products per iteration.
-    The factorization (:meth:`factor`) and every derived quantity are the parent's.
-
-    Examples
-    --------
-    >>> import stochmm as sm
-    >>> m = sm.Model("cbind(incidence, size - incidence) ~ period + (1 | herd)", sm.datasets.load("cbpp"),
-    ...              family="binomial")
-    >>> rs = ReweightedSystem(m.terms, m.X).reweight(np.ones(m.n), m.y, float(m.y @ m.y))
-    >>> round(rs.factor(m.lambda_blocks([1.0])).logdet_L, 6)
-    23.002134
-    """
-
-    def __init__(self, terms, X: np.ndarray) -> None:
-        n = X.shape[0]
-        super().__init__(terms, X, np.zeros(n), weights=np.ones(n))
-        self._X = np.ascontiguousarray(X, dtype=float)
-        self._F1 = np.column_stack([self._X, np.ones(n)])  # [X 1]: weighted in one contiguous pass
-        t0 = self.terms[0]
-        self._refs0 = np.asarray(t0.refs, dtype=np.intp)
-        self._z0 = t0.z
-        self._pairs0 = [(a, b) for a in range(t0.k) for b in range(a, t0.k)]
-        self._z0prod = [t0.z[:, a] * t0.z[:, b] for a, b in self._pairs0]
-        self._Z0t = self._Z0.T.tocsr()
-        rest = self.terms[1:]
-        q0, qr = self.q0, self.q_rest
-        if rest:
-            self._Zrt = self._Zr.T.tocsr()
-            # per-observation rest columns (global index within the rest block) and values
-            cols, vals = [], []
-            off = 0
-            for t in rest:
-                for b in range(t.k):
-                    cols.append(off + np.asarray(t.refs, dtype=np.int64) * t.k + b)
-                    vals.append(t.z[:, b])
-                off += t.q
-            Jr = np.column_stack(cols)  # n × m_r
-            Vr = np.column_stack(vals)
-            J0 = np.asarray(t0.refs, dtype=np.int64)[:, None] * t0.k + np.arange(t0.k)[None, :]  # n × k0
-            mr, k0 = Jr.shape[1], t0.k
-            # S_A = Zr' W Z0: pattern from index pairs (values may cancel; keep the pattern fixed)
-            keys = (Jr[:, :, None] * q0 + J0[:, None, :]).reshape(n, mr * k0)
-            prod = (Vr[:, :, None] * t0.z[:, None, :]).reshape(n, mr * k0)
-            ukeys, inv = np.unique(keys.ravel(), return_inverse=True)
-            self._S_pos = inv.astype(np.intp)
-            self._S_val = prod.ravel()
-            self._S_obs = None if mr * k0 == 1 else np.repeat(np.arange(n), mr * k0)
-            rows = ukeys // q0
-            colsS = ukeys % q0
-            indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=qr))]).astype(np.int32)
-            self.S_A = sp.csr_matrix((np.zeros(ukeys.size), colsS.astype(np.int32), indptr), shape=(qr, q0))
-            self._S_rows = rows.astype(np.intp)
-            self._sst = _GramProduct(self.S_A)
-            # Zr' W Zr, dense (q_rest is the dense block anyway)
-            kk = (Jr[:, :, None] * qr + Jr[:, None, :]).reshape(n, mr * mr)
-            self._R_pos = kk.ravel().astype(np.intp)
-            self._R_diag = Jr[:, 0].astype(np.intp) if mr == 1 else None
-            self._R_val = (Vr[:, :, None] * Vr[:, None, :]).reshape(n, mr * mr).ravel()
-            self._R_obs = None if mr == 1 else np.repeat(np.arange(n), mr * mr)
-            # a dense copy of the off-diagonal block pays when it is dense-ish (VerbAgg: 100 %)
-            self._dense_S = (self._rest_scalar and t0.k == 1
-                             and (qr * q0 <= 3 * self.S_A.nnz or qr * q0 <= 200_000))
-            if self._dense_S:
-                self._S_flat = (self._S_rows * q0 + self.S_A.indices).astype(np.intp)
-                self._lam_idx = np.concatenate([np.full(t.nlev, i) for i, t in enumerate(rest)]).astype(np.intp)
-        else:
-            self._dense_S = False
-        self._n = n
-
-    def reweight(self, w: np.ndarray, wy: np.ndarray, ywy: float) -> ReweightedSystem:
-        """reweight(w, wy, ywy) -> self
-
-        Cross-products for observation weights ``w`` and weighted response
-        ``wy = W y`` (given directly, so zero weights are harmless) with
-        ``ywy = y'Wy`` (only the penalised residual sum of squares uses it).
-        """
-        t0 = self.terms[0]
-        nlev, k = t0.nlev, t0.k
-        refs0 = self._refs0
-        if k == 1:
-            self.A00 = np.bincount(refs0, w * self._z0prod[0], minlength=nlev).reshape(nlev, 1, 1)
-        else:
-            A00 = np.empty((nlev, k, k))
-            for (a, b), zz in zip(self._pairs0, self._z0prod):
-                A00[:, a, b] = A00[:, b, a] = np.bincount(refs0, w * zz, minlength=nlev)
-            self.A00 = A00
-        p = self.p
-        Fw = self._F1 * w[:, None]
-        Fw[:, p] = wy
-        self.G_A = np.asarray(self._Z0t @ Fw).T
-        if p:
-            XwX = self._X.T @ Fw
-            FWF = np.empty((p + 1, p + 1))
-            FWF[:p, :] = XwX
-            FWF[p, :p] = XwX[:, p]
-            FWF[p, p] = ywy
-        else:
-            FWF = np.array([[ywy]])
-        if self._Zr is not None:
-            qr = self.q_rest
-            wS = w if self._S_obs is None else w[self._S_obs]
-            self.S_A.data = np.bincount(self._S_pos, wS * self._S_val, minlength=self.S_A.nnz)
-            if self._R_diag is not None:
-                RR = np.diag(np.bincount(self._R_diag, w * self._R_val, minlength=qr))
-            else:
-                RR = np.bincount(self._R_pos, w[self._R_obs] * self._R_val, minlength=qr * qr).reshape(qr, qr)
-            ZrWF = np.asarray(self._Zrt @ Fw)
-            self.A_rr = np.block([[RR, ZrWF], [ZrWF.T, FWF]])
-        else:
-            self.A_rr = FWF
-        self._w = w
-        return self
-
-    def factor(self, Ts) -> ReweightedSystem:
-        """factor(Ts) -> self — the parent's blocked Cholesky; with a dense-ish off-diagonal
-        block and scalar terms, its products run on a dense copy (same result)."""
-        if not self._dense_S:
-            self._Sd = None
-            return super().factor(Ts)
-        t = float(Ts[0][0, 0])
-        nlev, qr, q0 = self.nlev0, self.q_rest, self.q0
-        l0 = np.sqrt(t * t * self.A00[:, 0, 0] + 1.0)
-        self.L0 = l0.reshape(nlev, 1, 1)
-        self._R0 = None
-        scale0 = t / l0
-        G = self.G_A * scale0[None, :]
-        self.G = G
-        lam_r = np.array([float(T[0, 0]) for T in Ts[1:]])[self._lam_idx]
-        if getattr(self, "_S_work", None) is None:
-            self._S_work = self.S_A.copy()
-        S = self._S_work  # same pattern every time: overwrite the values
-        np.multiply(self.S_A.data, lam_r[self._S_rows] * scale0[S.indices], out=S.data)
-        self.S = S
-        Sd = np.zeros(qr * q0)
-        Sd[self._S_flat] = S.data
-        Sd = Sd.reshape(qr, q0)
-        self._Sd = Sd
-        lam = np.concatenate([lam_r, np.ones(self.p + 1)])
-        D = self.A_rr * np.outer(lam, lam)
-        D[np.arange(qr), np.arange(qr)] += 1.0
-        SG = np.vstack([Sd, G])
-        D -= SG @ SG.T
-        Ld, info = _dpotrf(D, lower=1, clean=1, overwrite_a=1)
-        if info != 0:
-            raise np.linalg.LinAlgError(f"{info}-th leading minor of the dense block is not positive definite")
-        self.Ld = Ld
-        return self
-
-    def beta(self) -> np.ndarray:
-        """β̂ — the parent's, with a direct LAPACK triangular solve."""
-        if self.p == 0:
-            return np.zeros(0)
-        a = self.q_rest
-        return _trsv(self.Ld[a : a + self.p, a : a + self.p], self.Ld[-1, a : a + self.p], trans=True)
-
-    def u(self, beta: np.ndarray | None = None) -> np.ndarray:
-        """Spherical modes u given β — the parent's, on the dense copy of the off-diagonal block."""
-        if getattr(self, "_Sd", None) is None:
-            return super().u(beta)
-        if beta is None:
-            beta = self.beta()
-        qr, p = self.q_rest, self.p
-        rhs0 = self.G[-1] - self.G[:p].T @ beta if p else self.G[-1].copy()
-        rhs_r = self.Ld[-1, :qr] - self.Ld[qr : qr + p, :qr].T @ beta if p else self.Ld[-1, :qr].copy()
-        ur = _trsv(self.Ld[:qr, :qr], rhs_r, trans=True)
-        rhs0 -= self._Sd.T @ ur
-        return np.concatenate([rhs0 / self.L0[:, 0, 0], ur])
-
-
-def _dpotrf(a, **kw):
-    from scipy.linalg.lapack import dpotrf
-
-    return dpotrf(a, **kw)
-
-
-def _trsv(L: np.ndarray, b: np.ndarray, trans: bool = False) -> np.ndarray:
-    """Solve L x = b or L' x = b for lower-triangular L (LAPACK dtrtrs, no wrapper overhead)."""
-    from scipy.linalg.lapack import dtrtrs
-
-    x, info = dtrtrs(L, b, lower=1, trans=1 if trans else 0)
-    if info != 0:  # pragma: no cover - singular factor
-        raise np.linalg.LinAlgError("singular triangular factor")
-    return x
-
-
-# =============================================================================================
 # engines
 # =============================================================================================
 class _Engine:
@@ -355,7 +162,7 @@ class BlockedEngine(_Engine):
     """BlockedEngine(model, family, hessian="observed")
 
     PIRLS and the Laplace approximation (value and exact gradient) for any
-    random-effects structure, on :class:`ReweightedSystem`.
+    random-effects structure, on :class:`~stochmm.blocks.BlockedSystem`.
 
     Examples
     --------
@@ -397,8 +204,8 @@ class BlockedEngine(_Engine):
         for ti, t in enumerate(self.terms):
             for r, c in _tril_pairs(t.k):
                 self.theta_map.append((ti, r, c))
-        self.sys_u = ReweightedSystem(self.terms, np.zeros((self.n, 0)))
-        self.sys_j: ReweightedSystem | None = None
+        self.sys_u = BlockedSystem(self.terms, np.zeros((self.n, 0)))
+        self.sys_j: BlockedSystem | None = None
         self._u = np.zeros(self.q)
         self._beta_j: np.ndarray | None = None
         self._u_j = np.zeros(self.q)
@@ -516,7 +323,7 @@ class BlockedEngine(_Engine):
         return val, self._gradient(st)
 
     # -- gradient ------------------------------------------------------------------------
-    def _solve(self, sysx: ReweightedSystem, b_u: np.ndarray, b_x: np.ndarray | None = None):
+    def _solve(self, sysx: BlockedSystem, b_u: np.ndarray, b_x: np.ndarray | None = None):
         """Solve with the factored system: H x = b_u (``b_x`` None, β-free system) or the
         joint [u, β] system J [x_u; x_β] = [b_u; b_x] (``sysx`` with X). Right-hand sides
         may be vectors or matrices (one column each)."""
@@ -529,7 +336,7 @@ class BlockedEngine(_Engine):
         L0inv = _inv_blocks(sysx.L0)
         y0 = np.einsum("lab,lbm->lam", L0inv, Bu[:q0].reshape(nlev0, k0, m)).reshape(q0, m)
         rhs = np.vstack([Bu[q0:], Bx]) if p else Bu[q0:].copy()
-        Sop = sysx.S if getattr(sysx, "_Sd", None) is None else sysx._Sd  # dense copy when there is one
+        Sop = sysx.S if sysx.Sd is None else sysx.Sd  # dense copy when there is one
         if qr:
             rhs[:qr] -= Sop @ y0
         if p:
@@ -553,7 +360,7 @@ class BlockedEngine(_Engine):
         """H⁻¹ b with the current (β-free) factor."""
         return self._solve(self.sys_u, b)[0]
 
-    def hinv_rows(self, A: np.ndarray, sysx: ReweightedSystem | None = None) -> np.ndarray:
+    def hinv_rows(self, A: np.ndarray, sysx: BlockedSystem | None = None) -> np.ndarray:
         """c_i = H⁻¹_{J_i J_i} a_i for every observation (n × m): the entries of H⁻¹ on
         each observation's own random effects, chunked over levels of term 0. ``sysx``
         may be the joint system: its leading block is H's factor."""
@@ -572,7 +379,7 @@ class BlockedEngine(_Engine):
         Lrinv = sla.solve_triangular(Lr, np.eye(qr), lower=True, check_finite=False)
         Q = Lrinv.T @ Lrinv
         rr_all = self.J[:, k0:] - q0
-        Sd = getattr(sysx, "_Sd", None)
+        Sd = sysx.Sd
         if Sd is not None and k0 == 1:  # dense off-diagonal block (VerbAgg): all in BLAS
             P = Sd.T @ Q  # q0 × qr
             l0 = L0inv[:, 0, 0]
@@ -686,7 +493,7 @@ class BlockedEngine(_Engine):
         self.n_eval += 1
         model, fam = self.model, self.family
         if self.sys_j is None:
-            self.sys_j = ReweightedSystem(self.terms, self.X)
+            self.sys_j = BlockedSystem(self.terms, self.X)
         sysj = self.sys_j
         Ts = model.lambda_blocks(theta)
         A = self._A(Ts)
@@ -771,7 +578,7 @@ class BlockedEngine(_Engine):
         if self.p == 0:
             return np.zeros((0, 0))
         if self.sys_j is None:
-            self.sys_j = ReweightedSystem(self.terms, self.X)
+            self.sys_j = BlockedSystem(self.terms, self.X)
         w = st.w if self.hessian == "observed" else self.family.fisher_weights(st.eta, self.wt)
         lin = st.eta - self.off
         self.sys_j.reweight(w, w * lin, 1.0 + float(np.sum(w * lin * lin)))

@@ -85,3 +85,57 @@ def test_singular_theta_is_fine():
     ols = np.linalg.lstsq(m.X, m.y, rcond=None)
     np.testing.assert_allclose(bs.beta(), ols[0], rtol=1e-10)
     assert bs.pwrss == pytest.approx(float(ols[1][0]), rel=1e-10)
+
+
+@pytest.mark.parametrize("formula,theta", [
+    ("y ~ x + (1 | a) + (1 | b)", [0.7, 1.3]),
+    ("y ~ x + (1 + x | a) + (z | b)", [0.9, -0.3, 0.6, 1.1, 0.2, 0.4]),
+])
+def test_reweight_matches_update_and_dense(formula, theta):
+    """reweight(w, Wy, y'Wy) (PIRLS) and update(weights=, y=) share the scatter maps; zero weights are fine."""
+    d, w = synthetic()
+    w[::7] = 0.0
+    m = sm.Model(formula, d)
+    y = d["z"].to_numpy()
+    rs = BlockedSystem(m.terms, m.X).reweight(w, w * y, float(np.sum(w * y * y))).factor(m.lambda_blocks(theta))
+    us = BlockedSystem(m.terms, m.X, m.y).update(weights=w, y=y).factor(m.lambda_blocks(theta))
+    ld, ldx, r2, beta, u, _ = dense_reference(m, theta, w, m.X, y)
+    for bs in (rs, us):
+        assert bs.S_A.nnz == rs.S_A.nnz  # the sparsity pattern does not depend on the weights
+        assert bs.logdet_L == pytest.approx(ld, rel=1e-12)
+        assert bs.logdet_RX == pytest.approx(ldx, rel=1e-12)
+        assert bs.pwrss == pytest.approx(r2, rel=1e-10)
+        np.testing.assert_allclose(bs.beta(), beta, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(bs.u(), u, rtol=1e-8, atol=1e-11)
+
+
+def test_update_new_X():
+    d, w = synthetic()
+    m = sm.Model("y ~ x + (1 | a) + (x | b)", d)
+    bs = BlockedSystem(m.terms, np.zeros((m.n, 0)), m.y, weights=w).update(X=m.X)
+    bs.factor(m.lambda_blocks([0.6, 0.8, 0.1, 0.5]))
+    ld, ldx, r2, beta, _, _ = dense_reference(m, [0.6, 0.8, 0.1, 0.5], w, m.X, m.y)
+    assert bs.p == m.X.shape[1]
+    assert bs.logdet_RX == pytest.approx(ldx, rel=1e-12)
+    assert bs.pwrss == pytest.approx(r2, rel=1e-10)
+    np.testing.assert_allclose(bs.beta(), beta, rtol=1e-9, atol=1e-12)
+
+
+def test_dense_copy_path_equals_sparse_path():
+    """Scalar terms with a dense-ish off-diagonal block factor on a dense copy Sd: same result as the sparse path."""
+    d, w = synthetic()
+    m = sm.Model("y ~ x + (1 | a) + (0 + z | b) + (1 | b)", d)
+    Ts = m.lambda_blocks([0.5, 0.8, 1.2])
+    dense = BlockedSystem(m.terms, m.X, m.y, weights=w)
+    assert dense._dense_S
+    sparse = BlockedSystem(m.terms, m.X, m.y, weights=w)
+    sparse._dense_S = False
+    dense.factor(Ts)
+    sparse.factor(Ts)
+    assert dense.Sd is not None and sparse.Sd is None
+    np.testing.assert_allclose(dense.Sd, sparse.S.toarray(), rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(dense.Ld, sparse.Ld, rtol=1e-10, atol=1e-12)
+    assert dense.logdet_L == pytest.approx(sparse.logdet_L, rel=1e-13)
+    np.testing.assert_allclose(dense.u(), sparse.u(), rtol=1e-10, atol=1e-12)
+    for a, b in zip(dense.cond_cov_u(), sparse.cond_cov_u()):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)

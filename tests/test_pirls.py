@@ -17,7 +17,7 @@ import pytest
 import stochmm as sm
 from stochmm.blocks import BlockedSystem
 from stochmm.families import get_family
-from stochmm.pirls import BlockedEngine, LevelEngine, ReweightedSystem, blas_threads, make_engine, single_factor
+from stochmm.pirls import BlockedEngine, LevelEngine, blas_threads, make_engine, single_factor
 
 REF = Path(__file__).parent / "reference"
 CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
@@ -55,7 +55,7 @@ def test_reweighted_system_equals_blocked_system(formula):
     m = sm.Model(formula, v, family="binomial")
     rng = np.random.default_rng(0)
     w, y = rng.random(m.n) + 0.1, rng.normal(size=m.n)
-    rs = ReweightedSystem(m.terms, m.X).reweight(w, w * y, float(np.sum(w * y * y)))
+    rs = BlockedSystem(m.terms, m.X).reweight(w, w * y, float(np.sum(w * y * y)))
     bs = BlockedSystem(m.terms, m.X, y, w)
     Ts = m.lambda_blocks(m.theta0 * 0.7)
     rs.factor(Ts)
