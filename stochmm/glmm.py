@@ -146,12 +146,7 @@ class GlmmResults(MixedModelResults):
         if self.nagq > 1 and self.rule is not None and self.rule.dim > 1:
             head.append(f"Quadrature: {self.rule.kind} rule, {self.rule.size} nodes per level")
         head.append("")
-        labels = ["AIC", "BIC", "logLik", "deviance", "df.resid"]
-        vals = [f"{self.aic:.1f}", f"{self.bic:.1f}", f"{self.loglik:.1f}", f"{self.deviance:.1f}",
-                f"{self.nobs - self.df}"]
-        w = max(len(s) for s in vals + labels) + 1
-        head.append("".join(lab.rjust(w) for lab in labels))
-        head.append("".join(v.rjust(w) for v in vals))
+        head += self._ic_lines(self.deviance)
         table = self.coef_table()
         stars = _signif_stars(table["Pr(>|z|)"].to_numpy())
         lines = format_coef_table(table).splitlines()

@@ -103,12 +103,7 @@ class LmmResults(MixedModelResults):
         if self.reml:
             head.append(f"REML criterion at convergence: {self.objective:.1f}")
         else:
-            labels = ["AIC", "BIC", "logLik", "deviance", "df.resid"]
-            vals = [f"{self.aic:.1f}", f"{self.bic:.1f}", f"{self.loglik:.1f}", f"{self.objective:.1f}",
-                    f"{self.nobs - self.df}"]
-            w = max(len(s) for s in vals + labels) + 1
-            head.append("".join(lab.rjust(w) for lab in labels))
-            head.append("".join(v.rjust(w) for v in vals))
+            head += self._ic_lines(self.objective)
         head += ["", "Scaled residuals: ", self._residual_quantiles(self.scaled_residuals), "",
                  "Random effects:", self._random_effects_text(), "", "Fixed effects:",
                  format_coef_table(self.coef_table())]

@@ -40,7 +40,8 @@ _FACTOR_COL = re.compile(r"^(?P<var>.*)\[(?:T\.)?(?P<level>.*)\]$")
 _POLY_COL = re.compile(r"^C\((?P<var>[^,]+), contr\.poly\)\[(?P<level>.*)\]$")
 
 
-def _split_colon(name: str) -> list[str]:
+def split_colon(name: str) -> list[str]:
+    """Split a term or column name at the ``:`` outside brackets (``f[a:b]:x`` → ``["f[a:b]", "x"]``)."""
     parts, depth, start = [], 0, 0
     for i, ch in enumerate(name):
         if ch in "([":
@@ -64,7 +65,7 @@ def r_column_name(name: str) -> str:
     if name == "Intercept":
         return "(Intercept)"
     out = []
-    for part in _split_colon(name):
+    for part in split_colon(name):
         poly = _POLY_COL.match(part)
         if poly:  # ordered factor, polynomial contrasts: studage.L, studage.Q, studage^4
             lev = poly.group("level")

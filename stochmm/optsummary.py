@@ -9,16 +9,17 @@ deviance. Evaluations (objective above the best found):
 ==================  ==============  ================  =================
 model               BOBYQA          COBYQA            L-BFGS-B
 ==================  ==============  ================  =================
-sleepstudy ML       57 (1.5e-9)     81 (0)            84 (2.2e-8)
-sleepstudy REML     43 (1.5e-9)     76 (0)            76 (1.2e-8)
-penicillin ML       44 (4.1e-9)     52 (0)            36 (4.2e-8)
-pastes REML         34 (2.2e-10)    43 (0)            45 (3.6e-6)
+sleepstudy ML       57 (1.5e-9)     83 (0)            84 (7.6e-8)
+sleepstudy REML     43 (1.5e-9)     70 (0)            76 (7.3e-8)
+penicillin ML       44 (4.2e-9)     50 (0)            153 (6.8e-8)
+pastes REML         34 (2.3e-10)    44 (0)            33 (1.7e-7)
 InstEval ML         48 (0)          51 (7.9e-10)      30 (1.3e-7)
 ==================  ==============  ================  =================
 
-BOBYQA is as accurate as COBYQA with fewer evaluations and 10-20x less
-overhead per evaluation; L-BFGS-B is cheaper on InstEval but stops further from
-the optimum and handles boundary (singular) optima poorly, so BOBYQA is the default. NLopt's BOBYQA needs at least two parameters; one-parameter problems
+(from lme4's start θ = 1). BOBYQA is as accurate as COBYQA with fewer
+evaluations and 10-20x less overhead per evaluation; L-BFGS-B is cheaper on
+InstEval but erratic elsewhere (153 evaluations on Penicillin) and stops further
+from the optimum, so BOBYQA is the default. NLopt's BOBYQA needs at least two parameters; one-parameter problems
 (a single scalar term) use a bracketed bounded Brent search instead, which is
 both more robust and cheaper in one dimension.
 """

@@ -396,6 +396,13 @@ class MixedModelResults:
             lines.append(f"{names[i]:<{w0}} {cells}")
         return "\n".join(lines) if p <= 12 else f"Correlation matrix not shown by default, as p = {p} > 12."
 
+    def _ic_lines(self, deviance: float) -> list[str]:
+        """The AIC / BIC / logLik / deviance / df.resid lines of lme4's summary."""
+        labels = ["AIC", "BIC", "logLik", "deviance", "df.resid"]
+        vals = [f"{self.aic:.1f}", f"{self.bic:.1f}", f"{self.loglik:.1f}", f"{deviance:.1f}", f"{self.nobs - self.df}"]
+        w = max(len(s) for s in vals + labels) + 1
+        return ["".join(lab.rjust(w) for lab in labels), "".join(v.rjust(w) for v in vals)]
+
     def _residual_quantiles(self, r: np.ndarray) -> str:
         q = np.quantile(r, [0, 0.25, 0.5, 0.75, 1.0])
         labels = ["Min", "1Q", "Median", "3Q", "Max"]

@@ -33,7 +33,7 @@ from scipy.linalg import solve_triangular
 from scipy.linalg.lapack import dpstrf
 
 from ..errors import DesignError
-from ..model import Model
+from ..model import Model, split_colon
 from ..terms import ReTerm
 from ._common import MomentResults, fixed_term_columns, fmt_num, require_intercept_terms
 
@@ -339,17 +339,7 @@ def _anova(m: Model, y: np.ndarray, fixed: list[tuple[str, np.ndarray]], rterms:
 def _factors(term: str) -> frozenset[str]:
     if term == "(Intercept)":
         return frozenset()
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(term):
-        if ch in "([":
-            depth += 1
-        elif ch in ")]":
-            depth -= 1
-        elif ch == ":" and depth == 0:
-            parts.append(term[start:i].strip())
-            start = i + 1
-    parts.append(term[start:].strip())
-    return frozenset(parts)
+    return frozenset(p.strip() for p in split_colon(term))
 
 
 def _marginal(a: str, b: str) -> bool:
