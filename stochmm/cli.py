@@ -14,6 +14,7 @@ import time
 import warnings
 
 import numpy as np
+import pandas as pd
 
 __all__ = ["main"]
 
@@ -85,6 +86,27 @@ def demo(args: argparse.Namespace) -> int:
     for n, a, b in zip(f1.fixef.index, f1.fixef.values, f25.fixef.values):
         print(f"{n:<11s} {a:9.5f}  {b:12.5f}")
     print(f"theta   {f1.theta[0]:12.5f}  {f25.theta[0]:12.5f}")
+    _versus(f1, "cbpp_laplace")
+    _versus(f25, "cbpp_agq25")
+
+    _rule("VerbAgg: r2 ~ Anger + Gender + btype + situ + (1 | id) + (1 | item), binomial, Laplace (316 x 24 crossed)")
+    d = sm.datasets.load("verbagg")
+    t0 = time.perf_counter()
+    fv = sm.glmer("r2 ~ Anger + Gender + btype + situ + (1 | id) + (1 | item)", d, family="binomial")
+    el = time.perf_counter() - t0
+    print(fv.coef_table().round(5).to_string())
+    print(fv.varcorr.to_string(index=False))
+    print(f"\nwhole call in {el * 1000:.0f} ms")
+    _versus(fv, "verbagg_laplace")
+
+    _rule("Oats split-plot by moments: ANOVA table with expected mean squares")
+    a = sm.anova_components("yield ~ nf * Variety + (1 | Block/Variety)", sm.datasets.load("oats"))
+    with pd.option_context("display.width", 200, "display.max_colwidth", 60):
+        print(a.table[["df", "SS", "MS", "EMS", "F"]].round(3).to_string())
+    print("\nvariance components (method of moments):", a.varcomp.round(4).to_dict())
+    reml = sm.lmer("yield ~ nf * Variety + (1 | Block/Variety)", sm.datasets.load("oats"))
+    vc = reml.varcorr.set_index("group")["variance"]
+    print("variance components (REML, sm.lmer):     ", vc.round(4).to_dict())
     return 0
 
 

@@ -24,6 +24,7 @@ def test_demo_fits_real_models():
     out = run("demo")
     assert out.returncode == 0, out.stderr
     for piece in ["Linear mixed model fit by REML ['lmerMod']", "REML criterion at convergence: 1743.6",
-                  "boundary (singular) fit", "InstEval", "Number of obs: 73421, groups:  s, 2972, d, 1128"]:
+                  "boundary (singular) fit", "InstEval", "Number of obs: 73421, groups:  s, 2972, d, 1128",
+                  "(Laplace Approximation) ['glmerMod']", "VerbAgg", "σ² + 4·σ²(Variety:Block) + 12·σ²(Block)"]:
         assert piece in out.stdout, piece
     assert "FAIL" not in out.stdout
