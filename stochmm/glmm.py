@@ -48,7 +48,7 @@ import scipy.optimize as so
 from .errors import ConvergenceWarning, SingularFitWarning
 from .families import Family, FamilyError, get_family
 from .model import Model
-from .optsummary import OptSummary, minimize_bounded
+from .optsummary import OptSummary, check_convergence, minimize_bounded
 from .pirls import BlockedEngine, LevelEngine, blas_threads, make_engine, single_factor
 from .quadrature import QuadratureError, QuadratureRule, agq, make_rule
 from .results import MixedModelResults, Summary, format_coef_table
@@ -56,7 +56,6 @@ from .results import MixedModelResults, Summary, format_coef_table
 __all__ = ["GlmmResults", "fit_glmm", "glmer", "glmm_engine", "BlockedEngine", "LevelEngine", "QuadratureError"]
 
 _METHODS = {"laplace": 1, "agq": None, "fast": 0}
-_CONV_TOL = 2e-3  # lme4's check.conv.grad tolerance
 
 
 # =============================================================================================
@@ -542,7 +541,7 @@ def _fit(model: Model, nq: int, t_start: float, *, link, start, optimizer, hessi
                       vcov_source=vsrc)
     res.engine = eng
     if check_derivatives:
-        _convergence(res, derivs, nq)
+        check_convergence(res, derivs)
     if nq > 0:  # PIRLS at the estimates (also leaves the engine there for the conditional variances)
         final_state = eng.pirls(theta, beta, u0=u)
     if not final_state.converged:
@@ -836,29 +835,6 @@ def _minimize_theta(fg, theta0: np.ndarray, lower: np.ndarray, names: list[str],
                       xfinal=np.asarray(x, dtype=float).copy(), fmin=f, feval=count[0], returnvalue=str(r.message),
                       elapsed=time.perf_counter() - t0, ftol_rel=0.0, ftol_abs=0.0, xtol_abs=gtol, names=list(names),
                       fitlog=log)
-
-
-def _convergence(res: GlmmResults, derivs: dict | None, nq: int) -> None:
-    """lme4's checkConv on the objective's gradient and Hessian at the optimum."""
-    res.derivs = derivs
-    if derivs is None or derivs["gradient"].size == 0:
-        return
-    g, H = derivs["gradient"], derivs["Hessian"]
-    try:
-        np.linalg.cholesky(H)
-        scaled = np.linalg.solve(H, g)
-        maxg = float(np.max(np.abs(scaled)))
-        res.max_grad = maxg
-        if maxg > _CONV_TOL:
-            msg = f"Model failed to converge with max|grad| = {maxg:.6g} (tol = {_CONV_TOL}, component {int(np.argmax(np.abs(scaled))) + 1})"
-            res.warnings.append(msg)
-            warnings.warn(msg, ConvergenceWarning, stacklevel=4)
-    except np.linalg.LinAlgError:
-        ev = np.linalg.eigvalsh(H)
-        msg = ("Model is nearly unidentifiable: the Hessian of the objective is not positive definite "
-               f"(eigenvalues {np.round(ev, 6).tolist()})")
-        res.warnings.append(msg)
-        warnings.warn(msg, ConvergenceWarning, stacklevel=4)
 
 
 def glmer(formula: str, data: pd.DataFrame, family: Any = "binomial", link: str | None = None, nagq: int = 1, *,

@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 
 from .blocks import BlockedSystem
-from .errors import ConvergenceWarning, DesignError, SingularFitWarning
+from .errors import DesignError, SingularFitWarning
 from .model import Model
-from .optsummary import OptSummary, minimize_bounded
+from .optsummary import OptSummary, check_convergence, minimize_bounded
 from .results import MixedModelResults, Summary, format_coef_table
 
 __all__ = ["ProfiledDeviance", "LmmResults", "fit_lmm", "lmer"]
@@ -184,7 +184,7 @@ def fit_lmm(model: Model, reml: bool = True, *, start: np.ndarray | None = None,
                 theta, optsum.xfinal, optsum.fmin = step[0], step[0], step[1]
     res = _results_at(model, dev, theta, optsum, condvar=condvar)
     if check_derivatives:
-        _warn_convergence(res, derivs)
+        check_convergence(res, derivs)
     if res.is_singular:
         msg = ("boundary (singular) fit: θ component(s) "
                + ", ".join(f"{n}={v:.3g}" for n, v, d in zip(model.theta_names, theta, np.isfinite(lower)) if d and v < 1e-4)
@@ -297,27 +297,6 @@ def _newton_polish(f, theta, lower, fmin, derivs) -> tuple[np.ndarray, float] | 
         return None
     ft = f(trial)
     return (trial, ft) if ft < fmin else None
-
-
-def _warn_convergence(res: MixedModelResults, derivs: dict | None, tol: float = 2e-3) -> None:
-    """lme4's ``checkConv``: relative gradient via the Hessian, and its definiteness."""
-    res.derivs = derivs
-    if derivs is None:
-        return
-    g, H = derivs["gradient"], derivs["Hessian"]
-    try:
-        np.linalg.cholesky(H)
-        scaled = np.linalg.solve(H, g)
-        maxg = float(np.max(np.abs(scaled)))
-        if maxg > tol:
-            msg = f"Model failed to converge with max|grad| = {maxg:.6g} (tol = {tol})"
-            res.warnings.append(msg)
-            warnings.warn(msg, ConvergenceWarning, stacklevel=4)
-    except np.linalg.LinAlgError:
-        ev = np.linalg.eigvalsh(H)
-        msg = f"Model is nearly unidentifiable: Hessian is not positive definite (eigenvalues {np.round(ev, 6).tolist()})"
-        res.warnings.append(msg)
-        warnings.warn(msg, ConvergenceWarning, stacklevel=4)
 
 
 def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, weights: Any = None, offset: Any = None,

@@ -27,13 +27,17 @@ both more robust and cheaper in one dimension.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.optimize as so
 
-__all__ = ["OptSummary", "minimize_bounded"]
+__all__ = ["OptSummary", "minimize_bounded", "check_convergence", "CONV_TOL"]
+
+CONV_TOL = 2e-3  # lme4's check.conv.grad tolerance
 
 
 @dataclass
@@ -213,3 +217,36 @@ def _brent1d(f, x0: float, lo: float, hi: float, xtol: float) -> str:
                              options={"xatol": xtol, "maxiter": 500})
     f(np.array([lo_b]))  # the boundary is a candidate too (singular fits)
     return "SUCCESS" if res.success else str(res.message)
+
+
+def check_convergence(res: Any, derivs: dict | None, tol: float = CONV_TOL) -> None:
+    """check_convergence(res, derivs, tol=2e-3) -> None
+
+    lme4's ``checkConv`` at the optimum: the gradient scaled by the Hessian
+    (``max |H⁻¹g|``) against ``tol``, and the Hessian's definiteness. Warnings
+    (:class:`~stochmm.errors.ConvergenceWarning`) carry the number that triggered
+    them and are also appended to ``res.warnings``; ``res.derivs`` and
+    ``res.max_grad`` record the diagnostics.
+    """
+    from .errors import ConvergenceWarning
+
+    res.derivs = derivs
+    if derivs is None or np.size(derivs["gradient"]) == 0:
+        return
+    g, H = derivs["gradient"], derivs["Hessian"]
+    try:
+        np.linalg.cholesky(H)
+    except np.linalg.LinAlgError:
+        ev = np.linalg.eigvalsh(H)
+        msg = ("Model is nearly unidentifiable: the Hessian of the objective is not positive definite "
+               f"(eigenvalues {np.round(ev, 6).tolist()})")
+        res.warnings.append(msg)
+        warnings.warn(msg, ConvergenceWarning, stacklevel=4)
+        return
+    scaled = np.abs(np.linalg.solve(H, g))
+    res.max_grad = float(scaled.max())
+    if res.max_grad > tol:
+        msg = (f"Model failed to converge with max|grad| = {res.max_grad:.6g} (tol = {tol}, "
+               f"component {int(np.argmax(scaled)) + 1})")
+        res.warnings.append(msg)
+        warnings.warn(msg, ConvergenceWarning, stacklevel=4)
