@@ -135,22 +135,16 @@ def _strip_outer(s: str) -> str:
     return s
 
 
-def _has_intercept(lhs: str) -> tuple[bool, list[str]]:
-    """Whether a term formula keeps the intercept, and its non-intercept pieces."""
-    keep, pieces = True, []
-    for sep, _, piece in _split_top(lhs, "+-"):
-        p = piece.strip()
-        if not p:
-            continue
-        if p in ("0", "-1") or (sep == "-" and p == "1"):
-            keep = False
-        elif p == "1":
-            keep = True
-        elif sep == "-":
-            pieces.append(f"- {p}")
-        else:
-            pieces.append(p)
-    return keep, pieces
+def _double_bar_terms(lhs: str, formula: str, pos: int) -> list[str]:
+    """``(lhs || g)`` → one term per formula term of ``lhs``, as lme4's ``expandDoubleVerts``:
+    ``x*z`` gives ``1``, ``0 + x``, ``0 + z``, ``0 + x:z``; ``0 +`` / ``- 1`` drop the intercept."""
+    import formulaic
+
+    try:
+        labels = [str(t) for t in formulaic.Formula(lhs)]
+    except Exception as exc:
+        raise FormulaError(f"cannot read the terms of {lhs!r}: {exc}", formula, pos) from None
+    return ["1" if t == "1" else f"0 + {t}" for t in labels]
 
 
 def _expand_group(group: str, formula: str, pos: int) -> list[str]:
@@ -244,9 +238,8 @@ def parse_formula(formula: str) -> ParsedFormula:
                     f"random-effects term {p!r} has no grouping factor after '|'", text, pos + 1 + i
                 )
             groups = _expand_group(grp, text, pos + 1 + i + width)
-            if width == 2:  # (x || g): one term per column set, intercept separate
-                intercept, pieces = _has_intercept(lhs)
-                lhss = (["1"] if intercept else []) + [f"0 + {q}" for q in pieces if not q.startswith("-")]
+            if width == 2:  # (x || g): one uncorrelated term per formula term, intercept separate
+                lhss = _double_bar_terms(lhs, text, pos + 1)
                 if not lhss:
                     raise FormulaError(f"random-effects term {p!r} has no effects", text, pos)
             else:

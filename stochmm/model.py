@@ -60,10 +60,11 @@ def r_column_name(name: str) -> str:
 
     Translate a formulaic column name to the name R's ``model.matrix`` gives it:
     ``Intercept`` → ``(Intercept)``, ``period[T.2]`` → ``period2``,
-    ``service[T.1]:dept[T.5]`` → ``service1:dept5``.
+    ``service[T.1]:dept[T.5]`` → ``service1:dept5``, ``I(x ** 2)`` → ``I(x^2)``.
     """
     if name == "Intercept":
         return "(Intercept)"
+    name = name.replace("`", "").replace(" ** ", "^")  # I(`my.x` ** 2) -> I(my.x^2), as R writes it
     out = []
     for part in split_colon(name):
         poly = _POLY_COL.match(part)
@@ -79,11 +80,53 @@ def r_column_name(name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def _required(expr: str, formula_text: str) -> set[str]:
+def _quote_dotted(expr: str, columns) -> str:
+    """Backquote column names with dots (``my.x`` → ```my.x```), common in data from R, so that
+    formulaic and pandas read them as one name rather than attribute access."""
+    for c in sorted((str(c) for c in columns if "." in str(c)), key=len, reverse=True):
+        expr = re.sub(rf"(?<![\w.`]){re.escape(c)}(?![\w.`(])", f"`{c}`", expr)
+    return expr
+
+
+def _required(expr: str, formula_text: str, columns=()) -> set[str]:
+    quoted = _quote_dotted(_r_power(expr), columns)
     try:
-        return set(formulaic.Formula(expr).required_variables)
+        found = set(formulaic.Formula(quoted).required_variables)
     except Exception as exc:  # formulaic's parse errors are opaque; show the formula
-        raise FormulaError(f"cannot parse {expr!r}: {exc}", formula_text) from None
+        hint = " (R's x^2 is x**2 here)" if "^" in expr else ""
+        raise FormulaError(f"cannot parse {expr!r}{hint}: {exc}", formula_text) from None
+    dotted = {c for c in map(str, columns) if "." in c and f"`{c}`" in quoted}
+    # formulaic reports `my.x` as 'my' (attribute access): put the real column (or the name as typed) back
+    out = set(dotted)
+    for v in found:
+        if any(c.startswith(v + ".") for c in dotted):
+            continue
+        typed = re.search(rf"(?<![\w.`]){re.escape(v)}\.[A-Za-z_][\w.]*", quoted)
+        out.add(typed.group(0) if typed and v not in set(map(str, columns)) else v)
+    return out
+
+
+def _r_power(expr: str) -> str:
+    """Inside ``I(...)`` R's ``^`` is a power: ``I(x^2)`` → ``I(x**2)`` (Python's ``^`` is xor)."""
+    out, i = [], 0
+    while True:
+        j = expr.find("I(", i)
+        if j < 0 or (j > 0 and (expr[j - 1].isalnum() or expr[j - 1] in "._")):
+            if j < 0:
+                out.append(expr[i:])
+                return "".join(out)
+            out.append(expr[i : j + 2])
+            i = j + 2
+            continue
+        depth, k = 0, j + 1
+        while k < len(expr):
+            depth += expr[k] == "("
+            depth -= expr[k] == ")"
+            if depth == 0:
+                break
+            k += 1
+        out.append(expr[i:j] + expr[j : k + 1].replace("^", "**"))
+        i = k + 1
 
 
 def _split_args(s: str) -> list[str]:
@@ -97,6 +140,17 @@ def _split_args(s: str) -> list[str]:
             out.append(s[start:i].strip())
             start = i + 1
     out.append(s[start:].strip())
+    return out
+
+
+def _r_logicals(frame: pd.DataFrame) -> pd.DataFrame:
+    """Boolean columns as R's logicals enter a model matrix: a factor FALSE/TRUE (column ``bTRUE``)."""
+    bools = [c for c in frame.columns if pd.api.types.is_bool_dtype(frame[c].dtype)]
+    if not bools:
+        return frame
+    out = frame.copy(deep=False)
+    for c in bools:
+        out[c] = pd.Categorical(np.where(frame[c].to_numpy(), "TRUE", "FALSE"), categories=["FALSE", "TRUE"])
     return out
 
 
@@ -129,13 +183,15 @@ def eval_numeric(expr: str, frame: pd.DataFrame) -> np.ndarray:
     e = expr.strip()
     if _is_name(e, frame.columns):
         col = frame[e.strip("`")]
+        if pd.api.types.is_bool_dtype(col.dtype):
+            return col.to_numpy(dtype=float)
         if isinstance(col.dtype, pd.CategoricalDtype) or col.dtype == object:
             raise DataError(f"{e!r} is not numeric (dtype {col.dtype})")
         return col.to_numpy(dtype=float)
     if _SIMPLE_ARITH.match(e) and all(_is_name(v, frame.columns) for v in re.findall(r"[A-Za-z_][A-Za-z0-9_.]*", e)):
         # `size - incidence`: plain arithmetic of numeric columns, no formula machinery needed
-        return np.asarray(frame.eval(e), dtype=float)
-    mm = formulaic.model_matrix(f"0 + I({e})", frame, na_action="ignore")
+        return np.asarray(frame.eval(_quote_dotted(e, frame.columns)), dtype=float)
+    mm = formulaic.model_matrix(f"0 + I({_quote_dotted(_r_power(e), frame.columns)})", frame, na_action="ignore")
     return np.asarray(mm, dtype=float)[:, 0]
 
 
@@ -148,8 +204,29 @@ def _as_factor(col: pd.Series) -> pd.Categorical:
     if isinstance(col.dtype, pd.CategoricalDtype):
         return col.cat.remove_unused_categories().array
     vals = col.to_numpy()
-    cats = np.unique(vals)
+    try:
+        cats = np.unique(vals)
+    except TypeError:  # mixed types in an object column: R's factor() would see strings
+        vals = col.astype(str).to_numpy()
+        cats = np.unique(vals)
     return pd.Categorical(vals, categories=cats)
+
+
+def _level_labels(cats: pd.Index) -> np.ndarray:
+    """Level labels as R prints them: whole-number floats without '.0' (a column with NAs is float)."""
+    if pd.api.types.is_float_dtype(cats.dtype) and np.all(np.isfinite(cats)) and np.all(np.mod(cats, 1) == 0):
+        return np.asarray(cats.astype(np.int64).astype(str), dtype=object)
+    return np.asarray(cats.astype(str), dtype=object)
+
+
+def _codes_in(cats: pd.Index, values: pd.Series) -> np.ndarray:
+    """Index of each value among the fitted categories (-1: unseen or missing), by value, not by text:
+    an int column matches a float one; strings match strings."""
+    if pd.api.types.is_numeric_dtype(cats.dtype) and not pd.api.types.is_bool_dtype(cats.dtype):
+        v = pd.to_numeric(pd.Series(np.asarray(values, dtype=object)), errors="coerce")
+        return cats.get_indexer(v).astype(np.int64)
+    s = pd.Series(values).astype(object)
+    return cats.get_indexer(s.where(s.isna(), s.astype(str))).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,6 +315,7 @@ class Model:
                 f"'(expr | group)' term; for a fixed-effects-only model use {alt}"
             )
         frame, row_index = self._model_frame(data, weights, offset)
+        frame, row_index = self._drop_nonfinite_transforms(frame, row_index)
         self.frame = frame
         self.row_index = row_index
         self.n = len(frame)
@@ -248,7 +326,7 @@ class Model:
         self._check_design()
 
     # ----------------------------------------------------------------------------- frame
-    def _variables(self) -> tuple[list[str], dict[str, str]]:
+    def _variables(self, columns=()) -> tuple[list[str], dict[str, str]]:
         """Columns the model uses, and where each is used (for messages)."""
         pf = self.parsed
         where: dict[str, str] = {}
@@ -258,25 +336,25 @@ class Model:
             if len(parts) != 2:
                 raise FormulaError("cbind() response needs exactly two arguments: cbind(successes, failures)", pf.text, 0)
             for p in parts:
-                for v in _required(f"0 + I({p})", pf.text):
+                for v in _required(f"0 + I({p})", pf.text, columns):
                     where.setdefault(v, "response")
         else:
-            for v in _required(f"{resp} ~ 1", pf.text):
+            for v in _required(f"{resp} ~ 1", pf.text, columns):
                 where.setdefault(v, "response")
-        for v in _required(pf.fixed, pf.text):
+        for v in _required(pf.fixed, pf.text, columns):
             where.setdefault(v, "fixed-effects term")
         for off in pf.offsets:
-            for v in _required(f"0 + I({off})", pf.text):
+            for v in _required(f"0 + I({off})", pf.text, columns):
                 where.setdefault(v, "offset")
         for b in pf.bars:
-            for v in _required(b.lhs, pf.text):
+            for v in _required(b.lhs, pf.text, columns):
                 where.setdefault(v, f"random-effects term {b.text}")
             for v in b.group_vars:
                 where.setdefault(v, f"grouping factor of {b.text}")
         return list(where), where
 
     def _model_frame(self, data, weights, offset) -> tuple[pd.DataFrame, np.ndarray]:
-        names, where = self._variables()
+        names, where = self._variables(data.columns)
         extra = [a for a in (weights, offset) if isinstance(a, str)]
         for nm in names + extra:
             if nm not in data.columns:
@@ -312,6 +390,37 @@ class Model:
             if isinstance(frame[c].dtype, pd.CategoricalDtype):
                 frame[c] = frame[c].cat.remove_unused_categories()
         return frame, row_index
+
+    def _drop_nonfinite_transforms(self, frame: pd.DataFrame, row_index: np.ndarray):
+        """Rows where a transformed response or offset (``log(y)``, ``offset(log(n))``) is not finite
+        are dropped with a counted warning, as R's model.frame + na.omit do."""
+        resp = self.parsed.response
+        exprs = list(_split_args(resp[len("cbind(") : -1])) if resp.startswith("cbind(") and resp.endswith(")") else [resp]
+        exprs = [e for e in exprs if not _is_name(e, frame.columns)] + list(self.parsed.offsets)
+        if not exprs:
+            return frame, row_index
+        bad = np.zeros(len(frame), dtype=bool)
+        culprits = []
+        for e in exprs:
+            with np.errstate(all="ignore"):
+                v = eval_numeric(e, frame)
+            nf = ~np.isfinite(v)
+            if nf.any():
+                culprits.append(f"{e}: {int(nf.sum())}")
+                bad |= nf
+        if not bad.any():
+            return frame, row_index
+        keep = np.flatnonzero(~bad)
+        warnings.warn(f"{int(bad.sum())} of {len(frame) + self.n_dropped_na} rows dropped because a transformation "
+                      f"is not finite there ({', '.join(culprits)})", MissingDataWarning, stacklevel=4)
+        self.n_dropped_na += int(bad.sum())
+        if keep.size == 0:
+            raise DataError(f"no rows left: {', '.join(culprits)} is not finite in every row")
+        frame = frame.iloc[keep].reset_index(drop=True)
+        for c in frame.columns:
+            if isinstance(frame[c].dtype, pd.CategoricalDtype):
+                frame[c] = frame[c].cat.remove_unused_categories()
+        return frame, row_index[keep]
 
     # ----------------------------------------------------------------------------- response
     def _build_response(self, frame: pd.DataFrame, weights) -> None:
@@ -403,7 +512,8 @@ class Model:
     # ----------------------------------------------------------------------------- fixed part
     def _build_fixed(self, frame: pd.DataFrame) -> None:
         try:
-            mm = formulaic.model_matrix(_poly_ordered(self.parsed.fixed, frame), frame, na_action="ignore")
+            mm = formulaic.model_matrix(_quote_dotted(_poly_ordered(_r_power(self.parsed.fixed), frame), frame.columns),
+                                        _r_logicals(frame), na_action="ignore")
         except Exception as exc:
             raise FormulaError(f"cannot build the fixed-effects model matrix: {exc}", self.formula) from None
         self._fixed_spec = mm.model_spec
@@ -441,24 +551,28 @@ class Model:
         gvars = bar.group_vars
         facs = [_as_factor(frame[g]) for g in gvars]
         codes = np.asarray(facs[0].codes, dtype=np.int64)
-        labels = np.asarray(facs[0].categories.astype(str))
+        labels = _level_labels(facs[0].categories)
         for f in facs[1:]:
             nb = len(f.categories)
             codes = codes * nb + np.asarray(f.codes, dtype=np.int64)
             labels = np.char.add(np.char.add(np.repeat(labels, nb).astype(str), ":"),
-                                 np.tile(np.asarray(f.categories.astype(str)), len(labels)))
+                                 np.tile(_level_labels(f.categories).astype(str), len(labels)))
         used, refs = np.unique(codes, return_inverse=True)
+        # how new data are encoded (predict): each variable's categories and the combined codes in use
+        self._group_encoding.append(([pd.Index(f.categories) for f in facs], used))
         return ":".join(gvars), np.asarray(labels[used], dtype=object), refs.astype(np.int32)
 
     def _build_terms(self, frame: pd.DataFrame) -> None:
         terms, specs = [], []
+        self._group_encoding: list = []
         for bar in self.parsed.bars:
             group, levels, refs = self._grouping(bar, frame)
             if bar.lhs.strip() == "1":  # the common (1 | g): no model matrix to build
                 cnames, z, spec = ["(Intercept)"], np.ones((self.n, 1)), None
             else:
                 try:
-                    mm = formulaic.model_matrix(_poly_ordered(bar.lhs, frame), frame, na_action="ignore")
+                    mm = formulaic.model_matrix(_quote_dotted(_poly_ordered(_r_power(bar.lhs), frame), frame.columns),
+                                                _r_logicals(frame), na_action="ignore")
                 except Exception as exc:
                     raise FormulaError(f"cannot build the model matrix of {bar.text}: {exc}", self.formula) from None
                 cnames = [r_column_name(c) for c in mm.columns]
@@ -471,6 +585,7 @@ class Model:
         order = sorted(range(len(terms)), key=lambda i: -terms[i].nlev)
         self.terms: list[ReTerm] = [terms[i] for i in order]
         self._term_specs = [specs[i] for i in order]
+        self._group_encoding = [self._group_encoding[i] for i in order]
         self._term_bars = [self.parsed.bars[i] for i in order]
         offs = np.cumsum([0] + [t.ntheta for t in self.terms])
         self.theta_slices = [slice(int(a), int(b)) for a, b in zip(offs[:-1], offs[1:])]
@@ -583,19 +698,28 @@ class Model:
         data, encoded exactly as the fitted data were. Levels not seen in the fit
         get index -1 (their random effects are zero).
         """
+        newdata = _r_logicals(newdata)
         mm = self._fixed_spec.get_model_matrix(newdata, na_action="ignore")
         X = np.asarray(mm, dtype=float)[:, self._fixed_keep]
         out = []
-        for t, spec, bar in zip(self.terms, self._term_specs, self._term_bars):
+        for t, spec, bar, (cats, used) in zip(self.terms, self._term_specs, self._term_bars, self._group_encoding):
             if spec is None:
                 z = np.ones((len(newdata), 1))
             else:
                 z = np.asarray(spec.get_model_matrix(newdata, na_action="ignore"), dtype=float)
-            labels = newdata[bar.group_vars[0]].astype(str).to_numpy(dtype=object)
-            for g in bar.group_vars[1:]:
-                labels = labels + ":" + newdata[g].astype(str).to_numpy(dtype=object)
-            lookup = pd.Index(t.levels)
-            out.append((lookup.get_indexer(labels).astype(np.int64), z))
+            code = np.zeros(len(newdata), dtype=np.int64)
+            missing = np.zeros(len(newdata), dtype=bool)
+            for g, c in zip(bar.group_vars, cats):
+                k = _codes_in(c, newdata[g])
+                missing |= k < 0
+                code = code * len(c) + np.maximum(k, 0)
+            pos = np.searchsorted(used, code)
+            pos = np.minimum(pos, len(used) - 1)
+            refs = np.where(~missing & (used[pos] == code), pos, -1).astype(np.int64)
+            if len(refs) and np.all(refs < 0):
+                warnings.warn(f"none of the {t.group!r} levels in newdata were seen in the fit; their random "
+                              "effects are set to 0 (population-level predictions)", UserWarning, stacklevel=3)
+            out.append((refs, z))
         return X, out
 
     def __repr__(self) -> str:
@@ -624,32 +748,17 @@ def _family_name(family: Any) -> str:
 def _independent_columns(X: np.ndarray, tol: float = 1e-7) -> np.ndarray:
     """Keep-mask of columns linearly independent of the columns before them.
 
-    Like R's ``qr()`` with its limited pivoting, a column that is (numerically)
-    in the span of earlier ones is dropped, so later columns go first.
+    Like R's ``qr()`` (tolerance 1e-7, limited pivoting): after scaling each column
+    to unit length, a Householder QR gives |R_jj| = the norm of column j's residual
+    on the columns before it; a column with |R_jj| < tol is dropped, so later
+    columns go first. One O(np²) factorization; no cross-product (that would
+    square the condition number).
     """
     n, p = X.shape
-    keep = np.zeros(p, dtype=bool)
     if p == 0:
-        return keep
-    # Cholesky-style Gram–Schmidt on the p×p cross-product (cost O(np² ) once)
-    scale = np.sqrt(np.einsum("ij,ij->j", X, X))
+        return np.zeros(0, dtype=bool)
+    scale = np.linalg.norm(X, axis=0)
     scale[scale == 0] = 1.0
-    G = (X.T @ X) / np.outer(scale, scale)
-    R = np.zeros((p, p))
-    kept: list[int] = []
-    for j in range(p):
-        r = np.zeros(p)
-        if kept:
-            Rk = R[np.ix_(kept, kept)]
-            r_k = np.linalg.solve(Rk.T, G[kept, j])
-            resid = G[j, j] - r_k @ r_k
-        else:
-            r_k = np.zeros(0)
-            resid = G[j, j]
-        if resid > tol * max(G[j, j], 1e-300) and resid > 1e-14:
-            keep[j] = True
-            R[kept, j] = r_k
-            R[j, j] = np.sqrt(resid)
-            kept.append(j)
-            del r
-    return keep
+    R = np.linalg.qr(X / scale, mode="r")
+    d = np.abs(np.diag(R)) if R.shape[0] >= p else np.r_[np.abs(np.diag(R)), np.zeros(p - R.shape[0])]
+    return d > tol

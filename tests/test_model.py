@@ -225,7 +225,8 @@ def test_r_column_names():
     assert r_column_name("period[T.2]") == "period2"
     assert r_column_name("service[T.1]:dept[T.5]") == "service1:dept5"
     assert r_column_name("f[a]") == "fa"
-    assert r_column_name("I(x ** 2)") == "I(x ** 2)"
+    assert r_column_name("I(x ** 2)") == "I(x^2)"
+    assert r_column_name("I(`my.x` ** 2)") == "I(my.x^2)"
 
 
 def test_xterms_and_fixed_spec():
@@ -234,3 +235,73 @@ def test_xterms_and_fixed_spec():
     assert len(m.fixed_keep) == len(m.fixed_spec.column_names) == 12
     ie = sm.Model("y ~ studage + (1 | s)", sm.datasets.load("insteval"))
     assert ie.xterms == ["(Intercept)", "studage", "studage", "studage"]  # contr.poly, named for the factor
+
+
+# ---------------------------------------------------------------- review findings (each was a bug)
+def _toy(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    d = pd.DataFrame({"y": rng.normal(size=n) + 2.0, "x": rng.normal(size=n), "z": rng.normal(size=n),
+                      "a": rng.integers(0, 10, n), "b": rng.integers(0, 4, n), "g": rng.integers(0, 12, n)})
+    d["y"] += 2.0 * rng.normal(size=12)[d["g"]]
+    return d
+
+
+def test_rank_check_uses_r_tolerance_on_the_residual_norm():
+    """R's qr() keeps I(yr^2) for uncentred calendar years (|R_jj|/|x_j| ~ 8e-6 > 1e-7)."""
+    rng = np.random.default_rng(0)
+    d = pd.DataFrame({"y": rng.normal(size=200), "yr": 2000 + rng.integers(0, 21, 200).astype(float),
+                      "g": rng.integers(0, 10, 200)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sm.Model("y ~ yr + I(yr^2) + (1 | g)", d).xnames == ["(Intercept)", "yr", "I(yr^2)"]
+
+
+def test_predict_matches_levels_by_value_and_handles_missing():
+    d = _toy()
+    f = sm.lmer("y ~ x + (1 | g)", d)
+    nd = d.head(4).assign(g=lambda t: t["g"].astype(float))  # int in the fit, float here
+    np.testing.assert_allclose(f.predict(nd), f.fitted[:4], atol=1e-12)
+    f2 = sm.lmer("y ~ x + (1 | a:b)", d)
+    nd = d.head(3).assign(b=lambda t: t["b"].astype(float))
+    nd.loc[0, "b"] = np.nan
+    p = f2.predict(nd)
+    np.testing.assert_allclose(p[1:], f2.fitted[1:3], atol=1e-12)
+    with pytest.warns(UserWarning, match="none of the 'a:b' levels"):
+        p0 = f2.predict(nd.head(1))
+    assert p[0] == pytest.approx(p0[0]) == pytest.approx(f2.predict(nd.head(1), re_form=None)[0])  # no random effect
+    with pytest.warns(UserWarning, match="none of the 'g' levels"):
+        f.predict(d.head(2).assign(g=[99, 98]))
+
+
+def test_nonfinite_transformed_response_rows_are_dropped_and_counted():
+    d = _toy().assign(y=lambda t: t["y"] - 2.0)
+    with pytest.warns(MissingDataWarning, match=r"rows dropped because a transformation is not finite.*log\(y\)"):
+        m = sm.Model("log(y) ~ x + (1 | g)", d)
+    assert m.n == int((d["y"] > 0).sum()) and np.all(np.isfinite(m.y))
+
+
+def test_double_bar_splits_formula_terms_like_lme4():
+    m = sm.Model("y ~ x + (x * z || g)", _toy())
+    assert [t.cnames for t in m.terms] == [["(Intercept)"], ["x"], ["z"], ["x:z"]]
+    assert len(m.theta0) == 4
+
+
+def test_dotted_column_names_as_in_data_from_r():
+    d = _toy().rename(columns={"x": "my.x", "g": "my.g"})
+    d["succ.n"] = (d["a"] % 5).astype(float)
+    assert sm.Model("y ~ my.x + (1 | my.g)", d).xnames == ["(Intercept)", "my.x"]
+    assert sm.Model("y ~ `my.x` + (my.x | my.g)", d).terms[0].cnames == ["(Intercept)", "my.x"]
+    m = sm.Model("cbind(succ.n, 5 - succ.n) ~ my.x + (1 | my.g)", d, family="binomial")
+    np.testing.assert_allclose(m.y, d["succ.n"] / 5)
+    with pytest.raises(MissingColumnError, match="'my.z'.*Did you mean 'my.x'"):
+        sm.Model("y ~ my.z + (1 | my.g)", d)
+
+
+def test_mixed_type_grouping_column_and_logical_columns():
+    d = _toy()
+    d["gm"] = d["g"].astype(object)
+    d.loc[3, "gm"] = "x"
+    m = sm.Model("y ~ x + (1 | gm)", d)
+    assert "x" in list(m.terms[0].levels) and m.terms[0].nlev == 13
+    m = sm.Model("y ~ x + bb + (1 | g)", d.assign(bb=d["x"] > 0))
+    assert m.xnames == ["(Intercept)", "x", "bbTRUE"]  # R's name for a logical column
