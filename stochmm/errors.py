@@ -63,6 +63,14 @@ class SingularFitWarning(UserWarning):
     """Some variance components are estimated on the boundary (a singular fit)."""
 
 
+class NegativeEstimateWarning(SingularFitWarning):
+    """A moment estimate of a variance came out negative and was set to 0.
+
+    A subclass of :class:`SingularFitWarning`: the truncated estimate sits on the
+    boundary of the parameter space, as a singular REML fit would.
+    """
+
+
 class RankDeficiencyWarning(UserWarning):
     """Fixed-effects model matrix is rank deficient; columns were dropped."""
 

@@ -15,18 +15,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import DesignError, SingularFitWarning
+from ..errors import DesignError, NegativeEstimateWarning
 from ..model import Model
 
 __all__ = ["MomentResults", "NegativeEstimateWarning", "truncate_negative"]
-
-
-class NegativeEstimateWarning(SingularFitWarning):
-    """A moment estimate of a variance came out negative and was set to 0.
-
-    A subclass of :class:`stochmm.SingularFitWarning`: the truncated estimate sits on
-    the boundary of the parameter space, as a singular REML fit would.
-    """
 
 
 def user_stacklevel() -> int:
@@ -91,9 +83,11 @@ def fixed_term_columns(m: Model) -> list[tuple[str, np.ndarray]]:
 def independent_from_gram(G: np.ndarray, tol: float = 1e-7) -> np.ndarray:
     """Keep-mask of columns independent of the columns before them, from their Gram matrix.
 
-    The same rule as the builder's rank check on ``X``: a column whose squared
-    residual on the earlier kept columns is below ``tol`` times its squared norm is
-    dropped (so later columns go first, as R's ``qr()``).
+    The same rule as the builder's rank check on ``X`` (R's ``qr()`` tolerance): a
+    column whose residual norm on the earlier kept columns is below ``tol`` times its
+    norm — squared residual below ``tol²`` times the squared norm — is dropped (so
+    later columns go first). From X'X only (what Dask partitions give), so columns
+    within about 1e-8 of dependence are judged less reliably than from X itself.
     """
     p = G.shape[0]
     keep = np.zeros(p, dtype=bool)
@@ -108,7 +102,7 @@ def independent_from_gram(G: np.ndarray, tol: float = 1e-7) -> np.ndarray:
             resid = Gs[j, j] - r @ r
         else:
             r, resid = np.zeros(0), Gs[j, j]
-        if resid > tol * max(Gs[j, j], 1e-300) and resid > 1e-14 and np.diag(G)[j] > 0:
+        if resid > tol * tol * max(Gs[j, j], 1e-300) and np.diag(G)[j] > 0:
             k = len(kept)
             L2 = np.zeros((k + 1, k + 1))
             L2[:k, :k] = L
