@@ -384,6 +384,16 @@ def _alchemy_chunk(df, design, method, size_effect):
     return r, len(y)
 
 
+def _reduce_and_select(tasks, merge, split_every, design):
+    """Tree-reduce per-partition statistics, warn about dropped rows, drop rank-deficient columns."""
+    (stats, n_na, n), = compute(tree_reduce(tasks, merge, split_every))
+    if stats is None:
+        raise DataError("no rows left after dropping rows with missing values")
+    warn_na(n_na, n + n_na)
+    keep = rank_keep(stats.XtX, design.xnames_all)
+    return stats.select(keep), [nm for nm, k in zip(design.xnames_all, keep) if k], keep
+
+
 def _mom_dask(formula, data, method, size_effect, se, nboot, seed, alchemy, split_every, progress) -> MomentFit:
     from dask import delayed
 
@@ -405,14 +415,8 @@ def _mom_dask(formula, data, method, size_effect, se, nboot, seed, alchemy, spli
     if len(design.groups) == 1:
         se1 = "delta" if se == "auto" else se
         per_xx = se1 is not None
-        root = tree_reduce([delayed(_oneway_chunk)(p, design, per_xx) for p in parts], _merge_oneway, split_every)
-        (ct, n_na, n), = compute(root)
-        if ct is None:
-            raise DataError("no rows left after dropping rows with missing values")
-        warn_na(n_na, n + n_na)
-        keep = rank_keep(ct.XtX, design.xnames_all)
-        ct = ct.select(keep)
-        xnames = [nm for nm, k in zip(design.xnames_all, keep) if k]
+        ct, xnames, _ = _reduce_and_select([delayed(_oneway_chunk)(p, design, per_xx) for p in parts], _merge_oneway,
+                                        split_every, design)
         group = design.groups[0]
         if size_effect:
             ct, xnames = _with_size(ct, xnames, group)
@@ -423,14 +427,8 @@ def _mom_dask(formula, data, method, size_effect, se, nboot, seed, alchemy, spli
     if se in ("delta", "bootstrap"):
         raise DesignError(f"se={se!r} is not available for two crossed factors on Dask data; "
                           "use alchemy=True (chunk-to-chunk spread) or a pandas DataFrame (pigeonhole bootstrap)")
-    root = tree_reduce([delayed(_crossed_chunk)(p, design) for p in parts], _merge_crossed, split_every)
-    (st, n_na, n), = compute(root)
-    if st is None:
-        raise DataError("no rows left after dropping rows with missing values")
-    warn_na(n_na, n + n_na)
-    keep = rank_keep(st.XtX, design.xnames_all)
-    st = st.select(keep)
-    xnames = [nm for nm, k in zip(design.xnames_all, keep) if k]
+    st, xnames, keep = _reduce_and_select([delayed(_crossed_chunk)(p, design) for p in parts], _merge_crossed, split_every,
+                                    design)
     # lme4 order: the factor with more levels first
     nl = [len(st.a.N), len(st.b.N)]
     order = lme4_order(design.groups, nl)
