@@ -107,11 +107,6 @@ class PirlsState:
     extra: dict = field(default_factory=dict)
 
 
-def _tril_pairs(k: int) -> list[tuple[int, int]]:
-    """(row, col) of a k × k lower triangle in lme4's column-major θ order."""
-    return [(i, j) for j in range(k) for i in range(j, k)]
-
-
 # =============================================================================================
 # engines
 # =============================================================================================
@@ -202,7 +197,7 @@ class BlockedEngine(_Engine):
         # θ_j -> (term, row, col)
         self.theta_map = []
         for ti, t in enumerate(self.terms):
-            for r, c in _tril_pairs(t.k):
+            for r, c in t.tril:
                 self.theta_map.append((ti, r, c))
         self.sys_u = BlockedSystem(self.terms, np.zeros((self.n, 0)))
         self.sys_j: BlockedSystem | None = None
@@ -706,7 +701,7 @@ class LevelEngine(_Engine):
         off = 0
         for t in terms:
             self.col_off.append(off)
-            for r, c in _tril_pairs(t.k):
+            for r, c in t.tril:
                 self.theta_map.append((off + r, off + c))
             off += t.k
         self._tr = np.array([r for r, _ in self.theta_map], dtype=np.intp)

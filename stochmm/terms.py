@@ -101,6 +101,11 @@ class ReTerm:
         return np.where(self._rows == self._cols, 0.0, -np.inf)
 
     @property
+    def tril(self) -> list[tuple[int, int]]:
+        """(row, col) of each θ component of the term within T_k, in lme4's column-major order."""
+        return list(zip(self._rows.tolist(), self._cols.tolist()))
+
+    @property
     def diag_index(self) -> np.ndarray:
         """Positions of the diagonal elements within this term's θ."""
         return np.flatnonzero(self._rows == self._cols)
@@ -114,9 +119,6 @@ class ReTerm:
         t[self._rows, self._cols] = theta_k
         return t
 
-    def theta_from_T(self, t: np.ndarray) -> np.ndarray:
-        return np.asarray(t)[self._rows, self._cols]
-
     # -- Z -----------------------------------------------------------------------------------
     def Z(self) -> sp.csc_matrix:
         """Z() -> scipy.sparse.csc_matrix (n, nlev*k)
@@ -127,10 +129,6 @@ class ReTerm:
         rows = np.repeat(np.arange(n), k)
         cols = (self.refs[:, None].astype(np.int64) * k + np.arange(k)).ravel()
         return sp.csc_matrix((self.z.ravel(), (rows, cols)), shape=(n, self.q))
-
-    def subset(self, keep: np.ndarray) -> ReTerm:
-        """Term restricted to rows ``keep`` (levels unchanged)."""
-        return ReTerm(self.group, self.lhs, self.cnames, self.levels, self.refs[keep], self.z[keep], self.text)
 
     def __repr__(self) -> str:
         return f"ReTerm({self.text or self.lhs + ' | ' + self.group}: {self.nlev} levels x {self.k} effects)"
