@@ -188,9 +188,15 @@ def eval_numeric(expr: str, frame: pd.DataFrame) -> np.ndarray:
         if isinstance(col.dtype, pd.CategoricalDtype) or col.dtype == object:
             raise DataError(f"{e!r} is not numeric (dtype {col.dtype})")
         return col.to_numpy(dtype=float)
-    if _SIMPLE_ARITH.match(e) and all(_is_name(v, frame.columns) for v in re.findall(r"[A-Za-z_][A-Za-z0-9_.]*", e)):
-        # `size - incidence`: plain arithmetic of numeric columns, no formula machinery needed
-        return np.asarray(frame.eval(_quote_dotted(e, frame.columns)), dtype=float)
+    names = re.findall(r"[A-Za-z_][A-Za-z0-9_.]*", e)
+    if _SIMPLE_ARITH.match(e) and all(_is_name(v, frame.columns) for v in names):
+        # `size - incidence`: names, numbers and + - * / only (the regex guarantees it), so evaluate it
+        # directly on the column arrays: no formula machinery, no pandas.eval parser (~2 ms a call)
+        cols = {f"_c{i}": frame[v].to_numpy(dtype=float) for i, v in enumerate(dict.fromkeys(names))}
+        alias = {v: f"_c{i}" for i, v in enumerate(dict.fromkeys(names))}
+        code = re.sub(r"[A-Za-z_][A-Za-z0-9_.]*", lambda mt: alias[mt.group(0)], e)
+        with np.errstate(all="ignore"):
+            return np.asarray(eval(code, {"__builtins__": {}}, cols), dtype=float)  # noqa: S307
     mm = formulaic.model_matrix(f"0 + I({_quote_dotted(_r_power(e), frame.columns)})", frame, na_action="ignore")
     return np.asarray(mm, dtype=float)[:, 0]
 
