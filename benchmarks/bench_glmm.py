@@ -17,6 +17,14 @@ Results are also written to benchmarks/out/bench_glmm.json.
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent))
+import _blas  # noqa: E402
+
+_blas.use_native_blas()  # before numpy: these machines' OPENBLAS_* settings are not a user's
+
 import argparse
 import json
 import shutil
@@ -31,9 +39,9 @@ import numpy as np
 import pandas as pd
 
 import stochmm as sm
-from stochmm.glmm import glmm_engine
-from stochmm.pirls import blas_threads
-from stochmm.quadrature import agq, make_rule, tensor_rule
+from stochmm.deterministic.glmm import glmm_engine
+from stochmm.deterministic.pirls import blas_threads
+from stochmm.deterministic.quadrature import agq, make_rule, tensor_rule
 
 ROOT = Path(__file__).resolve().parents[1]
 CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
@@ -254,6 +262,7 @@ def agq_scaling(quick: bool) -> dict:
 
 
 def main() -> None:
+    print(_blas.report())
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--no-r", action="store_true", help="do not run Rscript; print the pinned lme4 times")

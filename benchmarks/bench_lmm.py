@@ -9,6 +9,14 @@ the pinned 2-core timings from tests/reference/), and the ratio lme4/ours.
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent))
+import _blas  # noqa: E402
+
+_blas.use_native_blas()  # before numpy: these machines' OPENBLAS_* settings are not a user's
+
 import argparse
 import subprocess
 import sys
@@ -45,8 +53,8 @@ def first_fit_cost() -> tuple[float, float]:
 def optimizer_comparison() -> pd.DataFrame:
     """BOBYQA (NLopt) vs scipy's COBYQA and L-BFGS-B (finite differences) on the profiled deviance."""
     import stochmm as sm
-    from stochmm.lmm import ProfiledDeviance
-    from stochmm.optsummary import minimize_bounded
+    from stochmm.deterministic.lmm import ProfiledDeviance
+    from stochmm.deterministic.optsummary import minimize_bounded
 
     cases = [("sleepstudy", "Reaction ~ Days + (Days | Subject)", False),
              ("sleepstudy", "Reaction ~ Days + (Days | Subject)", True),
@@ -118,7 +126,7 @@ def simulate_crossed(scale: int, seed: int = 1) -> pd.DataFrame:
 
 def scaling(scales: list[int]) -> pd.DataFrame:
     import stochmm as sm
-    from stochmm.lmm import ProfiledDeviance
+    from stochmm.deterministic.lmm import ProfiledDeviance
 
     rows = []
     for k in scales:
@@ -139,6 +147,7 @@ def scaling(scales: list[int]) -> pd.DataFrame:
 
 
 def main() -> None:
+    print(_blas.report())
     ap = argparse.ArgumentParser()
     ap.add_argument("--scales", type=int, nargs="*", default=[1, 2, 4])
     ap.add_argument("--repeat", type=int, default=3)
@@ -168,7 +177,7 @@ def main() -> None:
     print(row("sleepstudy REML Reaction ~ Days + (Days|Subject)", ours["sleepstudy"], theirs.get("sleepstudy")))
     print(f"peak resident memory of this process after the InstEval fits: {rss:.0f} MB")
 
-    from stochmm.lmm import ProfiledDeviance
+    from stochmm.deterministic.lmm import ProfiledDeviance
 
     fit = sm.lmer(f_ie, ie, reml=False)
     dev = ProfiledDeviance(fit.model, False)

@@ -27,6 +27,14 @@ Usage::
 
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parent))
+import _blas  # noqa: E402
+
+_blas.use_native_blas()  # before numpy: these machines' OPENBLAS_* settings are not a user's
+
 import argparse
 import json
 import os
@@ -154,6 +162,7 @@ def fmt_table(rows: list[list], header: list[str]) -> str:
 
 
 def main() -> None:
+    print(_blas.report())
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1e5,1e6", help="comma-separated numbers of rows (e.g. 1e6,1e7,1e8)")
     ap.add_argument("--reml-sizes", default="1e4,1e5", help="sizes at which sm.lmer REML is also run ('' for none)")

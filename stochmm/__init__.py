@@ -14,7 +14,8 @@ Examples
 
 from __future__ import annotations
 
-from . import datasets
+from . import api, datasets
+from .builder.model import Model
 from .errors import (
     ConvergenceWarning,
     DataError,
@@ -27,7 +28,6 @@ from .errors import (
     SingularFitWarning,
     StochmmError,
 )
-from .model import Model
 
 __version__ = "0.1.0"
 
@@ -53,25 +53,11 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # estimation paths are imported lazily so `import stochmm` stays fast
-    if name == "lmer":
-        from .lmm import lmer
-
-        return lmer
-    if name == "anova":
-        from .comparison import anova
-
-        return anova
-    if name in ("glmer",):
-        from .glmm import glmer
-
-        return glmer
-    if name in ("anova_components", "mom"):
-        from . import moments
-
-        return getattr(moments, name)
-    if name == "moments":
+    # entry points and subpackages load on first use, so `import stochmm` stays fast
+    if name in ("lmer", "glmer", "anova", "anova_components", "mom"):
+        return api.resolve(name)
+    if name in ("moments", "plots", "builder", "deterministic", "stochastic", "inference"):
         import importlib
 
-        return importlib.import_module(".moments", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'stochmm' has no attribute {name!r}")

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from . import datasets
-from .model import Model
+from .builder.model import Model
 
 __all__ = ["CatalogueEntry", "load_catalogue", "fit_entry", "compare", "validate", "to_toml"]
 
@@ -89,7 +89,7 @@ def fit_entry(entry: CatalogueEntry):
     data = datasets.load(entry.dataset)
     family: Any = None if entry.family == "gaussian" else entry.family
     if entry.family != "gaussian" and entry.link:
-        from .families import get_family  # GLMM path
+        from .builder.families import get_family  # GLMM path
 
         family = get_family(entry.family, entry.link)
     model = Model(entry.formula, data, family=family, weights=entry.weights, offset=entry.offset)

@@ -73,7 +73,7 @@ def demo(args: argparse.Namespace) -> int:
     _versus(fit, "insteval_ML")
 
     try:
-        from .glmm import glmer  # noqa: F401  (GLMM path, when present)
+        from .deterministic.glmm import glmer  # noqa: F401  (GLMM path, when present)
     except ImportError:
         return 0
     _rule("cbpp: cbind(incidence, size - incidence) ~ period + (1 | herd), binomial: Laplace vs AGQ(25)")

@@ -4,7 +4,7 @@
 ``loglik``, ``aic``, ``bic``, ``fixef``, ``vcov``, ``se``, ``theta``, ``sigma``,
 ``varcorr``, ``ranef``, ``fitted``, ``residuals``, ``is_singular``, ``optsum`` —
 and the pieces of an lme4-style ``summary()``. Paths subclass it
-(:class:`stochmm.lmm.LmmResults`, the GLMM results) and fill the fields.
+(:class:`stochmm.deterministic.lmm.LmmResults`, the GLMM results) and fill the fields.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .model import Model
-from .optsummary import OptSummary
+from .builder.model import Model
+from .deterministic.optsummary import OptSummary
 
 __all__ = ["MixedModelResults", "Summary", "varcorr_table", "format_coef_table"]
 
@@ -312,7 +312,7 @@ class MixedModelResults:
             X, re = m.new_design(newdata)
             eta = X @ self._beta
             if m.parsed.offsets:
-                from .model import eval_numeric
+                from .builder.model import eval_numeric
 
                 for expr in m.parsed.offsets:
                     eta = eta + eval_numeric(expr, newdata)

@@ -19,8 +19,7 @@ Examples
 
 from ._common import MomentResults, NegativeEstimateWarning
 from .anova import AnovaComponents, anova_components
-from .distributed import fit_parquet
-from .fit import MomentFit, model_varcomp, mom
+from .fit import MomentFit, fit_parquet, model_varcomp, mom
 from .randomn import ClusterTable, fit_oneway
 
 __all__ = [

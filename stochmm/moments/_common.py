@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..builder.model import Model
 from ..errors import DesignError, NegativeEstimateWarning
-from ..model import Model
 
 __all__ = ["MomentResults", "NegativeEstimateWarning", "truncate_negative"]
 

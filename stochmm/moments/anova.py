@@ -32,9 +32,9 @@ from scipy import stats
 from scipy.linalg import solve_triangular
 from scipy.linalg.lapack import dpstrf
 
+from ..builder.model import Model, split_colon
+from ..builder.terms import ReTerm
 from ..errors import DesignError
-from ..model import Model, split_colon
-from ..terms import ReTerm
 from ._common import MomentResults, fixed_term_columns, fmt_num, require_intercept_terms
 
 __all__ = ["anova_components", "AnovaComponents"]

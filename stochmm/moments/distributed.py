@@ -8,7 +8,7 @@ the summaries are combined exactly, level by level, in a tree (``split_every``
 summaries at a time) — so memory is bounded by the number of levels, not of
 rows, and the same code runs on the threaded scheduler, on a
 ``dask.distributed`` cluster (whatever client is current) or over parquet files
-larger than memory (:func:`fit_parquet`).
+larger than memory (:func:`stochmm.moments.fit.fit_parquet`).
 
 The fixed-effects design is built per partition from one formulaic model spec
 taken from the head of the data (string/object factor columns are
@@ -26,11 +26,11 @@ import formulaic
 import numpy as np
 import pandas as pd
 
+from ..builder.model import Model, eval_numeric, r_column_name
 from ..errors import DataError, DesignError, MissingDataWarning, RankDeficiencyWarning
-from ..model import Model, eval_numeric, r_column_name
 from ._common import independent_from_gram, require_intercept_terms
 
-__all__ = ["fit_parquet", "DaskDesign", "is_dask"]
+__all__ = ["DaskDesign", "is_dask"]
 
 
 def is_dask(data: Any) -> bool:
@@ -88,7 +88,7 @@ def prepare(formula: str, ddf) -> tuple[Any, DaskDesign]:
     Validate the formula against the columns, categorize string factor columns of
     the fixed part, and build the fixed-effects model spec from the head.
     """
-    from ..formula import parse_formula
+    from ..builder.formula import parse_formula
 
     pf = parse_formula(formula)
     if not pf.bars:
@@ -173,39 +173,3 @@ def rank_keep(XtX: np.ndarray, xnames: list[str]) -> np.ndarray:
         warnings.warn(f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} column(s): "
                       f"{', '.join(dropped)}", RankDeficiencyWarning, stacklevel=user_stacklevel())
     return keep
-
-
-def fit_parquet(path: str | list[str], formula: str, *, read_kwargs: dict | None = None, **kwargs: Any):
-    """fit_parquet(path, formula, *, read_kwargs=None, **kwargs) -> MomentFit
-
-    Moment fit of data in parquet files, read partition by partition with Dask
-    (only the columns the formula uses are read): memory is bounded by the
-    number of levels of the grouping factors, not by the number of rows.
-
-    Parameters
-    ----------
-    path : str or list of str
-        A parquet file, directory or glob, as :func:`dask.dataframe.read_parquet` takes.
-    formula : str
-        ``y ~ fixed + (1 | g)`` or ``y ~ fixed + (1 | a) + (1 | b)``.
-    read_kwargs : dict, optional
-        Passed to :func:`dask.dataframe.read_parquet` (e.g. ``blocksize``,
-        ``filesystem``, ``storage_options``).
-    **kwargs
-        Passed to :func:`stochmm.mom` (``method``, ``se``, ``alchemy``, ...).
-
-    Examples
-    --------
-    >>> import stochmm as sm, tempfile, os
-    >>> d = tempfile.mkdtemp()
-    >>> sm.datasets.load("dyestuff").to_parquet(os.path.join(d, "dye.parquet"))
-    >>> fit = sm.moments.fit_parquet(os.path.join(d, "dye.parquet"), "Yield ~ 1 + (1 | Batch)", method="anova")
-    >>> fit.varcomp.round(2).to_dict()
-    {'Batch': 1764.05, 'Residual': 2451.25}
-    """
-    import dask.dataframe as dd
-
-    from .fit import mom
-
-    ddf = dd.read_parquet(path, **(read_kwargs or {}))
-    return mom(formula, ddf, **kwargs)

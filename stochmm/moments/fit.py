@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..builder.model import Model
 from ..errors import DataError, DesignError
-from ..model import Model
 from ._common import MomentResults, independent_from_gram, lme4_order, require_intercept_terms
 from .crossed import (
     CrossedStats,
@@ -450,3 +450,37 @@ def _mom_dask(formula, data, method, size_effect, se, nboot, seed, alchemy, spli
         st.p2 = sums
     out = fit_crossed(st, xnames)
     return _result_crossed(out, design.formula, groups, [len(st.a.N), len(st.b.N)], xnames, int(st.n), info, None)
+
+
+def fit_parquet(path: str | list[str], formula: str, *, read_kwargs: dict | None = None, **kwargs: Any):
+    """fit_parquet(path, formula, *, read_kwargs=None, **kwargs) -> MomentFit
+
+    Moment fit of data in parquet files, read partition by partition with Dask
+    (only the columns the formula uses are read): memory is bounded by the
+    number of levels of the grouping factors, not by the number of rows.
+
+    Parameters
+    ----------
+    path : str or list of str
+        A parquet file, directory or glob, as :func:`dask.dataframe.read_parquet` takes.
+    formula : str
+        ``y ~ fixed + (1 | g)`` or ``y ~ fixed + (1 | a) + (1 | b)``.
+    read_kwargs : dict, optional
+        Passed to :func:`dask.dataframe.read_parquet` (e.g. ``blocksize``,
+        ``filesystem``, ``storage_options``).
+    **kwargs
+        Passed to :func:`stochmm.mom` (``method``, ``se``, ``alchemy``, ...).
+
+    Examples
+    --------
+    >>> import stochmm as sm, tempfile, os
+    >>> d = tempfile.mkdtemp()
+    >>> sm.datasets.load("dyestuff").to_parquet(os.path.join(d, "dye.parquet"))
+    >>> fit = sm.moments.fit_parquet(os.path.join(d, "dye.parquet"), "Yield ~ 1 + (1 | Batch)", method="anova")
+    >>> fit.varcomp.round(2).to_dict()
+    {'Batch': 1764.05, 'Residual': 2451.25}
+    """
+    import dask.dataframe as dd
+
+    ddf = dd.read_parquet(path, **(read_kwargs or {}))
+    return mom(formula, ddf, **kwargs)

@@ -2,8 +2,8 @@ import re
 
 import pytest
 
+from stochmm.builder.formula import parse_formula
 from stochmm.errors import FormulaError
-from stochmm.formula import parse_formula
 
 
 def bars(f):

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 import stochmm as sm
-from stochmm.blocks import BlockedSystem
+from stochmm.deterministic.blocks import BlockedSystem
 
 
 def dense_reference(m, theta, w, X, y):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import FormulaError
+from ..errors import FormulaError
 
 __all__ = ["BarTerm", "ParsedFormula", "parse_formula"]
 

@@ -1,4 +1,4 @@
-"""PIRLS, the reweighted blocked system and the Laplace approximation (stochmm.pirls).
+"""PIRLS, the reweighted blocked system and the Laplace approximation (stochmm.deterministic.pirls).
 
 Reference numbers: tests/reference/lme4_devfun_points.json (lme4 1.1-31 devfun values
 at fixed parameters, with independent exact-Laplace values and glmmTMB 1.1.5's
@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 
 import stochmm as sm
-from stochmm.blocks import BlockedSystem
-from stochmm.families import get_family
-from stochmm.pirls import BlockedEngine, LevelEngine, blas_threads, make_engine, single_factor
+from stochmm.builder.families import get_family
+from stochmm.deterministic.blocks import BlockedSystem
+from stochmm.deterministic.pirls import BlockedEngine, LevelEngine, blas_threads, make_engine, single_factor
 
-REF = Path(__file__).parent / "reference"
+REF = Path(__file__).resolve().parents[1] / "reference"
 CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
 POIS = "incidence ~ period + offset(log(size)) + (1 | herd)"
 VERB = "r2 ~ Anger + Gender + btype + situ + (1 | id) + (1 | item)"
@@ -185,7 +185,7 @@ def test_exact_gradients_match_finite_differences(formula, data, family, link, h
 
 
 def test_blas_threads_restores_setting():
-    from stochmm.pirls import _blas_libs
+    from stochmm.deterministic.pirls import _blas_libs
 
     before = [g() for g, _ in _blas_libs()]
     with blas_threads(1):

@@ -15,7 +15,7 @@ expected weights instead — ``hessian="expected"`` reproduces that). ℓ includ
 the normalising constants, so the value is the full −2 log-likelihood.
 
 PIRLS is Newton's method on D: each iteration reweights the blocked system of
-:mod:`stochmm.blocks` (``[ZΛ X y]`` cross-products with W), factors it and solves
+:mod:`stochmm.deterministic.blocks` (``[ZΛ X y]`` cross-products with W), factors it and solves
 for the new u (β held fixed: a system with p = 0; nAGQ = 0: u and β jointly),
 with step-halving and a Newton-decrement convergence test (λ² = δ'Hδ < 1e-22·D, so
 log det H is evaluated at modes accurate to ~1e-10). Each evaluation starts from a
@@ -26,14 +26,14 @@ parameter change — which saves about one iteration per evaluation.
 Two engines share that interface:
 
 * :class:`BlockedEngine` – any random-effects structure (crossed, nested,
-  several vector-valued terms) on :class:`~stochmm.blocks.BlockedSystem`, whose
+  several vector-valued terms) on :class:`~stochmm.deterministic.blocks.BlockedSystem`, whose
   cross-products are recomputed per iteration by
-  :meth:`~stochmm.blocks.BlockedSystem.reweight` with precomputed scatter-adds
+  :meth:`~stochmm.deterministic.blocks.BlockedSystem.reweight` with precomputed scatter-adds
   (no dense q × q matrix is ever formed);
 * :class:`LevelEngine` – a single grouping factor (possibly several terms, e.g.
   ``(1 | g) + (0 + x | g)``, or one vector-valued term): H is block diagonal with
   one k × k block per level and everything is vectorised over levels. It is what
-  adaptive Gauss–Hermite quadrature (:mod:`stochmm.quadrature`) runs on.
+  adaptive Gauss–Hermite quadrature (:mod:`stochmm.deterministic.quadrature`) runs on.
 
 Both give the exact gradient of the Laplace deviance with respect to (θ, β)
 (envelope theorem for D, implicit differentiation of ũ and the adjoint trick for
@@ -51,9 +51,9 @@ from typing import Any
 import numpy as np
 import scipy.linalg as sla
 
+from ..builder.families import Family
+from ..errors import DesignError
 from .blocks import BlockedSystem
-from .errors import DesignError
-from .families import Family
 
 __all__ = ["PirlsState", "BlockedEngine", "LevelEngine", "make_engine", "single_factor", "blas_threads"]
 
@@ -86,7 +86,7 @@ class PirlsState:
     Examples
     --------
     >>> import stochmm as sm
-    >>> from stochmm.families import get_family
+    >>> from stochmm.builder.families import get_family
     >>> m = sm.Model("cbind(incidence, size - incidence) ~ period + (1 | herd)", sm.datasets.load("cbpp"),
     ...              family="binomial")
     >>> eng = LevelEngine(m, get_family("binomial"))
@@ -157,12 +157,12 @@ class BlockedEngine(_Engine):
     """BlockedEngine(model, family, hessian="observed")
 
     PIRLS and the Laplace approximation (value and exact gradient) for any
-    random-effects structure, on :class:`~stochmm.blocks.BlockedSystem`.
+    random-effects structure, on :class:`~stochmm.deterministic.blocks.BlockedSystem`.
 
     Examples
     --------
     >>> import stochmm as sm
-    >>> from stochmm.families import get_family
+    >>> from stochmm.builder.families import get_family
     >>> m = sm.Model("cbind(incidence, size - incidence) ~ period + (1 | herd)", sm.datasets.load("cbpp"),
     ...              family="binomial")
     >>> eng = BlockedEngine(m, get_family("binomial"))
@@ -660,7 +660,7 @@ def _glm_start(eng: _Engine) -> np.ndarray:
 class LevelEngine(_Engine):
     """LevelEngine(model, family, hessian="observed")
 
-    PIRLS, Laplace and (through :mod:`stochmm.quadrature`) adaptive Gauss–Hermite
+    PIRLS, Laplace and (through :mod:`stochmm.deterministic.quadrature`) adaptive Gauss–Hermite
     quadrature for models whose random-effects terms all share one grouping factor.
     H is block diagonal (one k × k block per level, k = total number of random
     effects per level), so every operation is a vectorised per-level reduction.
@@ -668,7 +668,7 @@ class LevelEngine(_Engine):
     Examples
     --------
     >>> import stochmm as sm
-    >>> from stochmm.families import get_family
+    >>> from stochmm.builder.families import get_family
     >>> m = sm.Model("cbind(incidence, size - incidence) ~ period + (1 | herd)", sm.datasets.load("cbpp"),
     ...              family="binomial")
     >>> eng = LevelEngine(m, get_family("binomial"))
@@ -1206,7 +1206,7 @@ def make_engine(model: Any, family: Family, hessian: str = "observed", engine: s
     Examples
     --------
     >>> import stochmm as sm
-    >>> from stochmm.families import get_family
+    >>> from stochmm.builder.families import get_family
     >>> m = sm.Model("r2 ~ Anger + (1 | id) + (1 | item)", sm.datasets.load("VerbAgg"), family="binomial")
     >>> type(make_engine(m, get_family("binomial"))).__name__
     'BlockedEngine'

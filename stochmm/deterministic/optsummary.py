@@ -228,7 +228,7 @@ def check_convergence(res: Any, derivs: dict | None, tol: float = CONV_TOL) -> N
     them and are also appended to ``res.warnings``; ``res.derivs`` and
     ``res.max_grad`` record the diagnostics.
     """
-    from .errors import ConvergenceWarning
+    from ..errors import ConvergenceWarning
 
     res.derivs = derivs
     if derivs is None or np.size(derivs["gradient"]) == 0:

@@ -7,8 +7,8 @@ and 41; MixedModels.jl, "Details of the parameter estimation"):
     −2ℓ_R(θ)   = log|L_θ|² + log|R_X|² + (n−p) [1 + log(2π r²_θ / (n−p))]
 
 with L_θ, R_X and r²_θ from the blocked Cholesky factor of the cross-products of
-``[ZΛ X y]`` (:class:`stochmm.blocks.BlockedSystem`). β and σ are profiled out;
-only θ is optimised, with bounds, by BOBYQA (:mod:`stochmm.optsummary`).
+``[ZΛ X y]`` (:class:`stochmm.deterministic.blocks.BlockedSystem`). β and σ are profiled out;
+only θ is optimised, with bounds, by BOBYQA (:mod:`stochmm.deterministic.optsummary`).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..builder.model import Model
+from ..errors import DesignError, SingularFitWarning
+from ..results import MixedModelResults, Summary, format_coef_table
 from .blocks import BlockedSystem
-from .errors import DesignError, SingularFitWarning
-from .model import Model
 from .optsummary import OptSummary, check_convergence, minimize_bounded
-from .results import MixedModelResults, Summary, format_coef_table
 
 __all__ = ["ProfiledDeviance", "LmmResults", "fit_lmm", "lmer"]
 
@@ -211,7 +211,7 @@ def moment_start(model: Model) -> np.ndarray:
     """
     if not moment_start_applies(model):
         raise ValueError("moment start values need unweighted random-intercept terms only, as in (1 | g)")
-    from .moments import model_varcomp
+    from ..moments import model_varcomp
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import chi2
 
-from .results import MixedModelResults
+from ..results import MixedModelResults
 
 __all__ = ["anova"]
 
@@ -14,7 +14,7 @@ __all__ = ["anova"]
 def _ml(fit: MixedModelResults) -> MixedModelResults:
     """lme4 refits REML fits by ML before comparing likelihoods ("refitting model(s) with ML")."""
     if getattr(fit, "reml", False):
-        from .lmm import fit_lmm
+        from ..deterministic.lmm import fit_lmm
 
         return fit_lmm(fit.model, reml=False, start=fit.theta)
     return fit

@@ -5,8 +5,8 @@ conditional distribution of the response: the per-observation log-likelihood
 kernel and its first three derivatives with respect to the linear predictor η,
 the normalising constants (binomial coefficients, ``log y!``), the expected
 (Fisher) weights, the variance function, Pearson residuals and random draws.
-The fitting code (:mod:`stochmm.pirls`, :mod:`stochmm.quadrature`,
-:mod:`stochmm.glmm`) calls only this interface, so a new family is a new
+The fitting code (:mod:`stochmm.deterministic.pirls`, :mod:`stochmm.deterministic.quadrature`,
+:mod:`stochmm.deterministic.glmm`) calls only this interface, so a new family is a new
 subclass: nothing else changes.
 
 Conventions
@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from scipy import special
 
-from .errors import DataError
+from ..errors import DataError
 
 __all__ = [
     "Link",

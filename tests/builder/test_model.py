@@ -8,6 +8,7 @@ import pytest
 import scipy.sparse as sp
 
 import stochmm as sm
+from stochmm.builder.model import r_column_name
 from stochmm.errors import (
     DataError,
     DesignError,
@@ -16,7 +17,6 @@ from stochmm.errors import (
     MissingDataWarning,
     RankDeficiencyWarning,
 )
-from stochmm.model import r_column_name
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from math import comb
 
 import numpy as np
 
-from .errors import DesignError
+from ..errors import DesignError
 
 __all__ = ["gh_rule", "tensor_rule", "sparse_rule", "QuadratureRule", "make_rule", "agq", "QuadratureError"]
 
@@ -205,13 +205,13 @@ def agq(engine, theta: np.ndarray, beta: np.ndarray, rule: QuadratureRule, grad:
     """agq(engine, theta, beta, rule, grad=False) -> (value, gradient or None)
 
     Adaptive Gauss–Hermite approximation of −2 log L(θ, β) (constants included) for
-    a :class:`~stochmm.pirls.LevelEngine`, and its exact gradient in (θ, β).
+    a :class:`~stochmm.deterministic.pirls.LevelEngine`, and its exact gradient in (θ, β).
 
     Examples
     --------
     >>> import stochmm as sm
-    >>> from stochmm.families import get_family
-    >>> from stochmm.pirls import LevelEngine
+    >>> from stochmm.builder.families import get_family
+    >>> from stochmm.deterministic.pirls import LevelEngine
     >>> m = sm.Model("cbind(incidence, size - incidence) ~ period + (1 | herd)", sm.datasets.load("cbpp"),
     ...              family="binomial")
     >>> eng = LevelEngine(m, get_family("binomial"))

@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import (
+from .. import api
+from ..errors import (
     DataError,
     DesignError,
     FormulaError,
@@ -683,18 +684,10 @@ class Model:
 
         Fit the model. Linear mixed models: ``method="REML"`` (default) or ``"ML"``.
         GLMMs: ``method="laplace"`` (default), ``"agq"`` (with ``nagq=``) or ``"fast"``
-        (nAGQ = 0); see :func:`stochmm.glmm.fit_glmm`.
+        (nAGQ = 0); see :func:`stochmm.deterministic.glmm.fit_glmm`. The builder
+        knows no estimation path: :func:`stochmm.api.fit` dispatches.
         """
-        if self.family_name == "gaussian":
-            from .lmm import fit_lmm
-
-            m = (method or "REML").upper()
-            if m not in ("REML", "ML"):
-                raise ValueError(f"method for a linear mixed model is 'REML' or 'ML', not {method!r}")
-            return fit_lmm(self, reml=(m == "REML"), **options)
-        from .glmm import fit_glmm
-
-        return fit_glmm(self, method=method, **options)
+        return api.fit(self, method, **options)
 
     # ----------------------------------------------------------------------------- new data
     def new_design(self, newdata: pd.DataFrame) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
@@ -737,7 +730,7 @@ def _family_name(family: Any) -> str:
     """Family name for the builder's response checks.
 
     Strings must name a built-in family; a family object (anything with a ``name``,
-    e.g. a subclass of :class:`stochmm.families.Family`) may define a new one, whose
+    e.g. a subclass of :class:`stochmm.builder.families.Family`) may define a new one, whose
     response is taken as numeric.
     """
     if family is None:

@@ -1,4 +1,4 @@
-"""Response families and links (stochmm.families), and the bad-input errors of glmer.
+"""Response families and links (stochmm.builder.families), and the bad-input errors of glmer.
 
 Reference numbers: lme4 1.1-31 via tests/reference/lme4_results.json and
 lme4_extra_results.json (``saturated_minus2logLik``, ``sum_lgamma_y_plus_1``).
@@ -16,10 +16,10 @@ import pytest
 from scipy import special
 
 import stochmm as sm
+from stochmm.builder.families import Binomial, Family, FamilyError, Poisson, get_family
 from stochmm.errors import DataError, MissingDataWarning
-from stochmm.families import Binomial, Family, FamilyError, Poisson, get_family
 
-REF = Path(__file__).parent / "reference"
+REF = Path(__file__).resolve().parents[1] / "reference"
 CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
 
 

@@ -40,7 +40,7 @@ import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
 
-from .terms import ReTerm
+from ..builder.terms import ReTerm
 
 __all__ = ["BlockedSystem"]
 

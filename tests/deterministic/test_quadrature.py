@@ -1,4 +1,4 @@
-"""Adaptive Gauss–Hermite quadrature (stochmm.quadrature).
+"""Adaptive Gauss–Hermite quadrature (stochmm.deterministic.quadrature).
 
 Reference numbers:
 * tests/reference/lme4_devfun_points.json, cbpp_agq25: lme4 1.1-31's 25-point AGQ deviance at
@@ -19,11 +19,11 @@ import pandas as pd
 import pytest
 
 import stochmm as sm
-from stochmm.families import get_family
-from stochmm.pirls import LevelEngine
-from stochmm.quadrature import QuadratureError, agq, gh_rule, make_rule, sparse_rule, tensor_rule
+from stochmm.builder.families import get_family
+from stochmm.deterministic.pirls import LevelEngine
+from stochmm.deterministic.quadrature import QuadratureError, agq, gh_rule, make_rule, sparse_rule, tensor_rule
 
-REF = Path(__file__).parent / "reference"
+REF = Path(__file__).resolve().parents[1] / "reference"
 CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
 
 

@@ -10,8 +10,8 @@ lme4's ``glmer`` does, in two stages:
    optimised together; PIRLS (warm-started from a first-order prediction of the
    modes) updates only u.
 
-Both stages use the *exact* gradient of their criterion (:mod:`stochmm.pirls`,
-:mod:`stochmm.quadrature`). The default optimizer (``optimizer="newton"``) is a
+Both stages use the *exact* gradient of their criterion (:mod:`stochmm.deterministic.pirls`,
+:mod:`stochmm.deterministic.quadrature`). The default optimizer (``optimizer="newton"``) is a
 quasi-Newton method seeded with a nearly exact Hessian — forward differences of the
 gradient in the θ directions, 2·R_X R_X' for β — so its first steps are Newton
 steps; stage 1 runs it on log θ when every term is scalar (variance components are
@@ -45,13 +45,13 @@ import numpy as np
 import pandas as pd
 import scipy.optimize as so
 
-from .errors import ConvergenceWarning, SingularFitWarning
-from .families import Family, FamilyError, get_family
-from .model import Model
+from ..builder.families import Family, FamilyError, get_family
+from ..builder.model import Model
+from ..errors import ConvergenceWarning, SingularFitWarning
+from ..results import MixedModelResults, Summary, format_coef_table
 from .optsummary import OptSummary, check_convergence, minimize_bounded
 from .pirls import BlockedEngine, LevelEngine, blas_threads, make_engine, single_factor
 from .quadrature import QuadratureError, QuadratureRule, agq, make_rule
-from .results import MixedModelResults, Summary, format_coef_table
 
 __all__ = ["GlmmResults", "fit_glmm", "glmer", "glmm_engine", "BlockedEngine", "LevelEngine", "QuadratureError"]
 
@@ -258,7 +258,7 @@ def glmm_engine(model: Model, family: Family | None = None, hessian: str = "obse
     """glmm_engine(model, family=None, hessian="observed", engine="auto") -> engine
 
     The PIRLS engine a fit would use (for evaluating the Laplace/AGQ deviance at
-    given parameters; see :mod:`stochmm.pirls`).
+    given parameters; see :mod:`stochmm.deterministic.pirls`).
 
     Examples
     --------
@@ -280,12 +280,12 @@ def fit_glmm(model: Model, method: str | None = "laplace", *, nagq: int | None =
              fd: str = "forward", threads: int | str | None = "auto", keep_log: bool = False) -> GlmmResults:
     """fit_glmm(model, method="laplace", *, nagq=None, link=None, start=None, optimizer="newton", ...) -> GlmmResults
 
-    Fit a GLMM built by :class:`~stochmm.model.Model` by maximum likelihood.
+    Fit a GLMM built by :class:`~stochmm.builder.model.Model` by maximum likelihood.
 
     Parameters
     ----------
     model : Model
-        With a binomial or Poisson family (a name or a :class:`~stochmm.families.Family`).
+        With a binomial or Poisson family (a name or a :class:`~stochmm.builder.families.Family`).
     method : {"laplace", "agq", "fast"}
         Laplace approximation (nAGQ = 1), adaptive Gauss–Hermite quadrature
         (``nagq`` > 1 nodes per dimension; default 9) or nAGQ = 0.
@@ -851,7 +851,7 @@ def glmer(formula: str, data: pd.DataFrame, family: Any = "binomial", link: str 
     data : pandas.DataFrame
         Not modified. Rows with missing values are dropped (with a counted warning).
     family : str or Family
-        ``"binomial"`` (default) or ``"poisson"``, or a :class:`~stochmm.families.Family`.
+        ``"binomial"`` (default) or ``"poisson"``, or a :class:`~stochmm.builder.families.Family`.
     link : str, optional
         ``"logit"`` (default), ``"probit"``, ``"cloglog"`` for binomial; ``"log"`` for Poisson.
     nagq : int

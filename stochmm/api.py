@@ -1,0 +1,66 @@
+"""Where the user-facing entry points meet the estimation paths.
+
+The builder (:mod:`stochmm.builder`) and the shared vocabulary
+(:mod:`stochmm.results`) know no estimation path: a method such as
+``Model.fit`` or ``sm.lmer`` is looked up here, by name, in one table that maps
+each entry point to the function that implements it (``"module:function"``).
+The module is imported only when the entry point is first used, so
+``import stochmm`` loads neither the paths nor JAX, NumPyro, ArviZ or Dask, and
+no module of the package imports a path that imports it back.
+
+Examples
+--------
+>>> from stochmm import api
+>>> api.resolve("lmer").__module__
+'stochmm.deterministic.lmm'
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["ENTRY_POINTS", "resolve", "fit"]
+
+#: entry point -> "module:function" that implements it
+ENTRY_POINTS: dict[str, str] = {
+    # sm.<name>
+    "lmer": "stochmm.deterministic.lmm:lmer",
+    "glmer": "stochmm.deterministic.glmm:glmer",
+    "anova": "stochmm.inference.comparison:anova",
+    "anova_components": "stochmm.moments.anova:anova_components",
+    "mom": "stochmm.moments.fit:mom",
+    # Model.fit, by path
+    "fit_lmm": "stochmm.deterministic.lmm:fit_lmm",
+    "fit_glmm": "stochmm.deterministic.glmm:fit_glmm",
+}
+
+
+def resolve(name: str) -> Callable[..., Any]:
+    """resolve(name) -> callable
+
+    The function behind entry point ``name`` (imported on first use).
+    """
+    try:
+        target = ENTRY_POINTS[name]
+    except KeyError:
+        raise AttributeError(f"no entry point {name!r}; known: {', '.join(sorted(ENTRY_POINTS))}") from None
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def fit(model: Any, method: str | None = None, **options: Any) -> Any:
+    """fit(model, method=None, **options) -> results
+
+    ``Model.fit``: linear mixed models by ``"REML"`` (default) or ``"ML"``
+    (:func:`stochmm.deterministic.lmm.fit_lmm`); GLMMs by ``"laplace"`` (default),
+    ``"agq"`` (with ``nagq=``) or ``"fast"`` (nAGQ = 0)
+    (:func:`stochmm.deterministic.glmm.fit_glmm`).
+    """
+    if model.family_name == "gaussian":
+        m = (method or "REML").upper()
+        if m not in ("REML", "ML"):
+            raise ValueError(f"method for a linear mixed model is 'REML' or 'ML', not {method!r}")
+        return resolve("fit_lmm")(model, reml=(m == "REML"), **options)
+    return resolve("fit_glmm")(model, method=method, **options)

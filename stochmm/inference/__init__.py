@@ -1,0 +1,1 @@
+"""Inference on fitted models: model comparison (:mod:`~stochmm.inference.comparison`)."""
