@@ -34,11 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Model",
     "datasets",
-    "lmer",
-    "glmer",
-    "anova",
-    "anova_components",
-    "mom",
+    *sorted(api.PUBLIC),
     "ConvergenceWarning",
     "DataError",
     "DesignError",
@@ -54,10 +50,14 @@ __all__ = [
 
 def __getattr__(name: str):
     # entry points and subpackages load on first use, so `import stochmm` stays fast
-    if name in ("lmer", "glmer", "anova", "anova_components", "mom"):
+    if name in api.PUBLIC:
         return api.resolve(name)
     if name in ("moments", "plots", "builder", "deterministic", "stochastic", "inference"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'stochmm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

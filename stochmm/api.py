@@ -21,20 +21,33 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["ENTRY_POINTS", "resolve", "fit"]
+__all__ = ["ENTRY_POINTS", "PUBLIC", "resolve", "fit"]
 
 #: entry point -> "module:function" that implements it
 ENTRY_POINTS: dict[str, str] = {
-    # sm.<name>
+    # -- sm.<name>: deterministic paths and moments
     "lmer": "stochmm.deterministic.lmm:lmer",
     "glmer": "stochmm.deterministic.glmm:glmer",
-    "anova": "stochmm.inference.comparison:anova",
     "anova_components": "stochmm.moments.anova:anova_components",
     "mom": "stochmm.moments.fit:mom",
-    # Model.fit, by path
-    "fit_lmm": "stochmm.deterministic.lmm:fit_lmm",
-    "fit_glmm": "stochmm.deterministic.glmm:fit_glmm",
+
+    # -- inference
+
+    "anova": "stochmm.inference.comparison:anova",
+
+    # -- stochastic: posterior
+
+    # -- stochastic: importance sampling
+
+    # -- stochastic: accuracy studies
+
+    # -- methods (dotted names are not attributes of `stochmm`)
+    "Model.fit:lmm": "stochmm.deterministic.lmm:fit_lmm",
+    "Model.fit:glmm": "stochmm.deterministic.glmm:fit_glmm",
 }
+
+#: entry points that are attributes of the package (``sm.lmer``, ...)
+PUBLIC = frozenset(k for k in ENTRY_POINTS if "." not in k and ":" not in k)
 
 
 def resolve(name: str) -> Callable[..., Any]:
@@ -62,5 +75,5 @@ def fit(model: Any, method: str | None = None, **options: Any) -> Any:
         m = (method or "REML").upper()
         if m not in ("REML", "ML"):
             raise ValueError(f"method for a linear mixed model is 'REML' or 'ML', not {method!r}")
-        return resolve("fit_lmm")(model, reml=(m == "REML"), **options)
-    return resolve("fit_glmm")(model, method=method, **options)
+        return resolve("Model.fit:lmm")(model, reml=(m == "REML"), **options)
+    return resolve("Model.fit:glmm")(model, method=method, **options)

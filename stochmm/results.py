@@ -339,6 +339,10 @@ class MixedModelResults:
         lo, hi = f"{100 * (1 - level) / 2:.1f} %", f"{100 * (1 + level) / 2:.1f} %"
         return pd.DataFrame({lo: self.fixef - z * self.se, hi: self.fixef + z * self.se})
 
+    # -- inference (stochmm.inference, through stochmm.api) --------------------------------------
+
+    # -- approximation audit (stochmm.stochastic, through stochmm.api) ----------------------------
+
     # -- summary pieces -------------------------------------------------------------------------
     def coef_table(self) -> pd.DataFrame:
         """Estimate, Std. Error and t (LMM) or z value with Pr(>|z|) (GLMM)."""

@@ -689,6 +689,8 @@ class Model:
         """
         return api.fit(self, method, **options)
 
+    # ----------------------------------------------------------------------------- stochastic paths (stochmm.api)
+
     # ----------------------------------------------------------------------------- new data
     def new_design(self, newdata: pd.DataFrame) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
         """new_design(newdata) -> (X, [(refs, z), ...])
