@@ -7,6 +7,7 @@ importance sampling, moments) starts from a :class:`Model`.
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from collections.abc import Sequence
@@ -688,6 +689,39 @@ class Model:
         knows no estimation path: :func:`stochmm.api.fit` dispatches.
         """
         return api.fit(self, method, **options)
+
+    def with_response(self, y: Any) -> Model:
+        """with_response(y) -> Model
+
+        The same model (X, Z, terms, weights, offset, family, names: nothing is
+        re-parsed or rebuilt) with a new response, for simulation studies and
+        parametric bootstraps. ``y`` is on the scale :meth:`simulate`-style draws
+        use: values (Gaussian), counts (Poisson), 0/1 (binary), numbers of
+        successes (``cbind`` responses) or proportions (proportions with weights).
+
+        Examples
+        --------
+        >>> import stochmm as sm
+        >>> m = sm.Model("Yield ~ 1 + (1 | Batch)", sm.datasets.load("dyestuff"))
+        >>> m2 = m.with_response(m.y + 1.0)
+        >>> m2.Z is m.Z, float(m2.y[0] - m.y[0])
+        (True, 1.0)
+        """
+        y = np.asarray(y, dtype=float)
+        if y.shape != (self.n,):
+            raise DataError(f"the new response must have shape ({self.n},), one value per observation; got {y.shape}")
+        if not np.all(np.isfinite(y)):
+            raise DataError(f"the new response has {int((~np.isfinite(y)).sum())} non-finite values")
+        if self.family_name == "binomial" and str(self.parsed.response).startswith("cbind("):
+            y = y / (self.weights / self.prior_weights)  # successes -> proportions of the trials
+        if self.family_name == "binomial" and np.any((y < 0) | (y > 1)):
+            raise DataError(f"binomial responses must lie in [0, 1] (or be counts of successes for cbind); "
+                            f"found {y[(y < 0) | (y > 1)][:5].tolist()}")
+        if self.family_name == "poisson" and np.any((y < 0) | (np.abs(y - np.round(y)) > 1e-8)):
+            raise DataError("Poisson responses must be non-negative whole numbers")
+        new = copy.copy(self)
+        new.y = y
+        return new
 
     # ----------------------------------------------------------------------------- stochastic paths (stochmm.api)
 

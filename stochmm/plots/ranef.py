@@ -1,4 +1,4 @@
-"""Plots where a picture beats a table (matplotlib, an optional dependency: ``pip install stochmm[plots]``)."""
+"""Caterpillar plots of the random effects (lme4's ``dotplot(ranef(fit, condVar = TRUE))``)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,15 @@
+"""Plots where a picture beats a table (matplotlib, an optional dependency: ``pip install stochmm[plots]``).
+
+Each function takes a results object or a tidy table and returns a matplotlib Figure; matplotlib is
+imported when a function is called.
+"""
+
+from .ranef import caterpillar
+
+# -- inference
+
+# -- importance sampling
+
+# -- accuracy studies
+
+__all__ = ["caterpillar"]
