@@ -185,22 +185,9 @@ class GlmmResults(MixedModelResults):
         >>> fit.simulate(3, seed=1).shape
         (56, 3)
         """
-        if int(nsim) != nsim or nsim < 1:
-            raise ValueError(f"nsim must be a positive integer, got {nsim!r}")
-        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        m = self.model
-        base = m.X @ self._beta + m.offset
-        out = {}
-        Ts = m.lambda_blocks(self.theta)
-        for s in range(int(nsim)):
-            if use_u:
-                b = self._b
-            else:
-                parts = [(rng.standard_normal((t.nlev, t.k)) @ T.T).ravel() for t, T in zip(m.terms, Ts)]
-                b = np.concatenate(parts)
-            mu = self.family.linkinv(base + m.Z @ b)
-            out[f"sim_{s + 1}"] = self.family.simulate(mu, m, rng)
-        return pd.DataFrame(out)
+        sims = self.model.simulate(self._beta, self.theta, nsim=nsim, seed=seed, family=self.family,
+                                   b=self._b if use_u else None)
+        return pd.DataFrame(sims, columns=[f"sim_{s + 1}" for s in range(sims.shape[1])])
 
 
 def _signif_stars(p: np.ndarray) -> list[str]:
