@@ -10,12 +10,12 @@ and the pieces of an lme4-style ``summary()``. Paths subclass it
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from .builder.model import Model
-from .deterministic.optsummary import OptSummary
 
 __all__ = ["MixedModelResults", "Summary", "varcorr_table", "format_coef_table"]
 
@@ -157,7 +157,8 @@ class MixedModelResults:
     fitted, residuals : numpy.ndarray
     is_singular : bool
         Some variance component estimated on its boundary.
-    optsum : OptSummary
+    optsum : stochmm.deterministic.optsummary.OptSummary or None
+        How the optimiser ran (None for paths without one).
     ngroups : dict of str -> int
     """
 
@@ -165,7 +166,7 @@ class MixedModelResults:
 
     def __init__(self, model: Model, method: str, objective: float, beta: np.ndarray, vcov: np.ndarray,
                  theta: np.ndarray, sigma: float, b: np.ndarray, b_condvar: list[np.ndarray] | None,
-                 optsum: OptSummary | None, *, loglik: float, df: int, dispersion: bool = True) -> None:
+                 optsum: Any, *, loglik: float, df: int, dispersion: bool = True) -> None:
         self.model = model
         self.method = method
         self.objective = float(objective)
