@@ -27,7 +27,7 @@ from ..errors import (
     MissingDataWarning,
     RankDeficiencyWarning,
 )
-from .formula import BarTerm, ParsedFormula, parse_formula
+from .formula import BarTerm, ParsedFormula, clean_message, parse_formula
 from .terms import ReTerm
 
 __all__ = ["Model", "r_column_name", "eval_numeric"]
@@ -96,7 +96,7 @@ def _required(expr: str, formula_text: str, columns=()) -> set[str]:
         found = set(formulaic.Formula(quoted).required_variables)
     except Exception as exc:  # formulaic's parse errors are opaque; show the formula
         hint = " (R's x^2 is x**2 here)" if "^" in expr else ""
-        raise FormulaError(f"cannot parse {expr!r}{hint}: {exc}", formula_text) from None
+        raise FormulaError(f"cannot parse {expr!r}{hint}: {clean_message(exc)}", formula_text) from None
     dotted = {c for c in map(str, columns) if "." in c and f"`{c}`" in quoted}
     # formulaic reports `my.x` as 'my' (attribute access): put the real column (or the name as typed) back
     out = set(dotted)
@@ -203,6 +203,46 @@ def eval_numeric(expr: str, frame: pd.DataFrame) -> np.ndarray:
     return np.asarray(mm, dtype=float)[:, 0]
 
 
+def _is_numeric(col: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(col.dtype) and not isinstance(col.dtype, pd.CategoricalDtype)
+
+
+def _as_vector(arg: Any, data: pd.DataFrame, what: str) -> np.ndarray:
+    """Weights or offset given as values: one number per row of ``data``.
+
+    A pandas Series is aligned to ``data`` by index (as pandas aligns); a Series
+    whose index is not that of ``data`` is refused rather than read by position.
+    """
+    if isinstance(arg, pd.DataFrame):
+        if arg.shape[1] != 1:
+            raise DataError(f"{what} must be one value per row; got a DataFrame of shape {arg.shape}")
+        arg = arg.iloc[:, 0]
+    if isinstance(arg, pd.Series):
+        if not _is_numeric(arg) and not pd.api.types.is_bool_dtype(arg.dtype):
+            raise DataError(f"{what} {arg.name!r} is not numeric (dtype {arg.dtype}); {what} must be numbers, "
+                            "not category labels")
+        if not arg.index.equals(data.index):
+            if arg.index.has_duplicates or len(arg) != len(data) or not arg.index.isin(data.index).all():
+                missing = int((~data.index.isin(arg.index)).sum())
+                raise DataError(
+                    f"the {what} Series' index does not match the data's index ({missing} of {len(data)} data "
+                    f"rows have no {what} value): pass {what}=values.to_numpy() to use them by position, or "
+                    f"{what}=values.reindex(data.index)")
+            arg = arg.reindex(data.index)
+        values = arg.to_numpy(dtype=float, na_value=np.nan)
+    else:
+        raw = np.asarray(arg)
+        if raw.dtype.kind not in "biuf":
+            raise DataError(f"{what} must be numbers; got values of dtype {raw.dtype} (e.g. {raw.ravel()[:3].tolist()})")
+        values = raw.astype(float)
+    if values.ndim != 1:
+        raise DataError(f"{what} must be one-dimensional, one value per row of the data; got shape {values.shape} "
+                        f"(use .ravel() for a column vector)")
+    if values.shape[0] != len(data):
+        raise DataError(f"{what} has {values.shape[0]} values, but the data have {len(data)} rows")
+    return values
+
+
 def _as_factor(col: pd.Series) -> pd.Categorical:
     """A grouping variable as a categorical with unused levels dropped.
 
@@ -264,6 +304,26 @@ class Model:
     offset : str or array-like, optional
         Added to the linear predictor (column name or values), on top of any
         ``offset()`` terms in the formula.
+
+    Notes
+    -----
+    **Missing and non-finite values — one rule.** A row is dropped, with one
+    :class:`~stochmm.errors.MissingDataWarning` that counts the rows and names each
+    column with its count, when any variable of the model is NA/NaN, ``inf`` or
+    ``-inf`` there: the response, predictors, grouping factors, weights, offset,
+    and transformations of the response or offset that are not finite
+    (``log(0)``). ``n_dropped_na`` counts them; ``row_index`` maps the kept rows
+    back to the data.
+
+    **Numeric roles take numbers.** Weights and offsets given as a column must be
+    numeric (a categorical/string column is refused, naming it); given as a
+    pandas Series they are aligned to ``data`` by index (a Series whose index is
+    not the data's is refused, never read by position); given as values they must
+    be one-dimensional with one value per row. Date/time columns are refused with
+    a suggested numeric conversion. Duplicate column names used by the model are
+    refused, naming the column. A fixed-effects factor with one level in the data,
+    like a constant numeric column, is dropped with a
+    :class:`~stochmm.errors.RankDeficiencyWarning`.
 
     Attributes
     ----------
@@ -362,6 +422,7 @@ class Model:
         return list(where), where
 
     def _model_frame(self, data, weights, offset) -> tuple[pd.DataFrame, np.ndarray]:
+        dup = data.columns[data.columns.duplicated()]
         names, where = self._variables(data.columns)
         extra = [a for a in (weights, offset) if isinstance(a, str)]
         for nm in names + extra:
@@ -369,22 +430,47 @@ class Model:
                 what = where.get(nm, "weights/offset column")
                 raise MissingColumnError(nm, data.columns, what=f"{what} variable" if nm in where else what)
         cols = list(dict.fromkeys(names + extra))
+        clash = [c for c in cols if c in set(dup)]
+        if clash:
+            raise DataError(f"the data have more than one column named {clash[0]!r}; rename the duplicates "
+                            f"(e.g. data.loc[:, ~data.columns.duplicated()])")
         frame = data.loc[:, cols].copy()
-        mask = frame.isna().any(axis=1).to_numpy().copy()
-        for arg in (weights, offset):
+        for c in cols:
+            col = frame[c]
+            if pd.api.types.is_datetime64_any_dtype(col.dtype) or pd.api.types.is_timedelta64_dtype(col.dtype):
+                raise DataError(f"column {c!r} ({where.get(c, 'weights/offset')}) holds dates/times "
+                                f"({col.dtype}); convert it to a number first, e.g. "
+                                f"data[{c!r}] = (data[{c!r}] - data[{c!r}].min()).dt.days")
+        for arg, what in ((weights, "weights"), (offset, "offset")):
+            if isinstance(arg, str) and not _is_numeric(frame[arg]):
+                raise DataError(f"{what} column {arg!r} is not numeric (dtype {frame[arg].dtype}); {what} must be "
+                                "numbers, not category labels")
+        # the one rule for missing and non-finite values: NA, NaN, inf and -inf in any variable of the
+        # model (response, predictors, grouping factors, weights, offset) drop the row, with a warning
+        # that counts the rows and names the columns
+        na = frame.isna().to_numpy()
+        inf = np.zeros_like(na)
+        for j, c in enumerate(cols):
+            if _is_numeric(frame[c]) and not pd.api.types.is_bool_dtype(frame[c].dtype):
+                inf[:, j] = np.isinf(frame[c].to_numpy(dtype=float, na_value=np.nan))
+        mask = (na | inf).any(axis=1)
+        counts = [(c, int(na[:, j].sum()), int(inf[:, j].sum())) for j, c in enumerate(cols)]
+        self._vectors: dict[str, np.ndarray] = {}
+        for arg, what in ((weights, "weights"), (offset, "offset")):
             if arg is not None and not isinstance(arg, str):
-                arr = np.asarray(arg, dtype=float)
-                if arr.shape != (len(data),):
-                    raise DataError(f"weights/offset has length {arr.size}, data has {len(data)} rows")
-                mask |= np.isnan(arr)
+                arr = _as_vector(arg, data, what)
+                self._vectors[what] = arr
+                counts.append((what, int(np.isnan(arr).sum()), int(np.isinf(arr).sum())))
+                mask |= ~np.isfinite(arr)
         row_index = np.flatnonzero(~mask)
         n_na = int(mask.sum())
         self.n_dropped_na = n_na
         if n_na:
-            by_col = frame.isna().sum()
-            detail = ", ".join(f"{c}: {k}" for c, k in by_col.items() if k)
+            detail = ", ".join(f"{c}: {a}" if not b else f"{c}: {b} infinite" if not a else f"{c}: {a} NA + {b} infinite"
+                               for c, a, b in counts if a or b)
+            kind = "missing values" if not any(b for _, _, b in counts) else "missing or non-finite values"
             warnings.warn(
-                f"{n_na} of {len(data)} rows dropped because of missing values ({detail or 'weights/offset'})",
+                f"{n_na} of {len(data)} rows dropped because of {kind} ({detail})",
                 MissingDataWarning,
                 stacklevel=3,
             )
@@ -515,7 +601,7 @@ class Model:
             return None
         if isinstance(arg, str):
             return frame[arg].to_numpy(dtype=float)
-        return np.asarray(arg, dtype=float)[self.row_index]
+        return self._vectors[what][self.row_index]
 
     # ----------------------------------------------------------------------------- fixed part
     def _build_fixed(self, frame: pd.DataFrame) -> None:
@@ -523,16 +609,25 @@ class Model:
             mm = formulaic.model_matrix(_quote_dotted(_poly_ordered(_r_power(self.parsed.fixed), frame), frame.columns),
                                         _r_logicals(frame), na_action="ignore")
         except Exception as exc:
-            raise FormulaError(f"cannot build the fixed-effects model matrix: {exc}", self.formula) from None
+            raise FormulaError(f"cannot build the fixed-effects model matrix: {clean_message(exc)}", self.formula) from None
         self._fixed_spec = mm.model_spec
         names = [r_column_name(c) for c in mm.columns]
         X = np.asarray(mm, dtype=float)
         keep = _independent_columns(X)
         self.dropped_columns = [nm for nm, k in zip(names, keep) if not k]
+        # a factor with one level in the data encodes to no column at all: reported as a dropped
+        # column, as a constant numeric column is
+        empty = [str(t) for t, idx in mm.model_spec.term_indices.items() if len(idx) == 0 and str(t) != "1"]
+        shown = list(self.dropped_columns)
+        for t in empty:
+            lev = [f"{v}={frame[v].dropna().unique()[:1].tolist()[0]!r}" for v in split_colon(t)
+                   if v in frame.columns and frame[v].nunique(dropna=True) == 1]
+            self.dropped_columns.append(t)
+            shown.append(f"{t} (a factor with a single level in the data: {', '.join(lev) or 'one level'})")
         if self.dropped_columns:
             warnings.warn(
                 f"fixed-effect model matrix is rank deficient so dropping {len(self.dropped_columns)} "
-                f"column(s): {', '.join(self.dropped_columns)}",
+                f"column(s): {', '.join(shown)}",
                 RankDeficiencyWarning,
                 stacklevel=3,
             )
@@ -582,7 +677,7 @@ class Model:
                     mm = formulaic.model_matrix(_quote_dotted(_poly_ordered(_r_power(bar.lhs), frame), frame.columns),
                                                 _r_logicals(frame), na_action="ignore")
                 except Exception as exc:
-                    raise FormulaError(f"cannot build the model matrix of {bar.text}: {exc}", self.formula) from None
+                    raise FormulaError(f"cannot build the model matrix of {bar.text}: {clean_message(exc)}", self.formula) from None
                 cnames = [r_column_name(c) for c in mm.columns]
                 z, spec = np.ascontiguousarray(np.asarray(mm, dtype=float)), mm.model_spec
             if z.shape[1] == 0:
