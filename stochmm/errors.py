@@ -30,7 +30,7 @@ class FormulaError(StochmmError, ValueError):
 class MissingColumnError(StochmmError, KeyError):
     """A variable named in the formula (or as weights/offset) is not a column of the data."""
 
-    def __init__(self, name: str, columns: Iterable[str], what: str = "variable"):
+    def __init__(self, name: str, columns: Iterable[str], what: str = "variable", note: str = ""):
         cols = [str(c) for c in columns]
         near = difflib.get_close_matches(name, cols, n=1, cutoff=0.6)
         if not near:  # case-insensitive fallback: 'reaction' -> 'Reaction'
@@ -41,7 +41,7 @@ class MissingColumnError(StochmmError, KeyError):
         shown = ", ".join(cols[:12]) + (", ..." if len(cols) > 12 else "")
         self.name = name
         self.suggestion = near[0] if near else None
-        super().__init__(f"{what} {name!r} is not a column of the data.{hint} Columns: {shown}")
+        super().__init__(f"{what} {name!r} is not a column of the data.{hint} Columns: {shown}.{note}")
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]

@@ -54,6 +54,7 @@ class BarTerm:
 
     @property
     def group_vars(self) -> list[str]:
+        """The variables of the grouping factor (``a:b`` → ``['a', 'b']``)."""
         return [g.strip().strip("`") for g in self.group.split(":")]
 
 

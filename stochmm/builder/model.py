@@ -382,6 +382,8 @@ class Model:
                 f"no random-effects terms in formula {self.formula!r}: a mixed model needs at least one "
                 f"'(expr | group)' term; for a fixed-effects-only model use {alt}"
             )
+        #: how an ``offset=`` argument was given (a column name, "values" or None), for predict
+        self.offset_arg = offset if isinstance(offset, str) else (None if offset is None else "values")
         frame, row_index = self._model_frame(data, weights, offset)
         frame, row_index = self._drop_nonfinite_transforms(frame, row_index)
         self.frame = frame
@@ -731,26 +733,32 @@ class Model:
 
     @property
     def p(self) -> int:
+        """Number of fixed effects (columns of X)."""
         return self.X.shape[1]
 
     @property
     def q(self) -> int:
+        """Number of random effects (columns of Z)."""
         return self.Z.shape[1]
 
     @property
     def theta0(self) -> np.ndarray:
+        """lme4's θ start: 1 on the diagonal of each term's factor, 0 off it."""
         return np.concatenate([t.theta_start for t in self.terms])
 
     @property
     def lower(self) -> np.ndarray:
+        """Lower bounds of θ: 0 on the diagonal, −inf off it."""
         return np.concatenate([t.theta_lower for t in self.terms])
 
     @property
     def theta_names(self) -> list[str]:
+        """lme4's names of the θ components (``Subject.(Intercept)``, ``Subject.Days.(Intercept)``)."""
         return [nm for t in self.terms for nm in t.theta_names]
 
     @property
     def ngroups(self) -> dict[str, int]:
+        """Number of levels of each grouping factor."""
         out: dict[str, int] = {}
         for t in self.terms:
             out.setdefault(t.group, t.nlev)
@@ -887,18 +895,94 @@ class Model:
     # ----------------------------------------------------------------------------- stochastic paths (stochmm.api)
 
     # ----------------------------------------------------------------------------- new data
-    def new_design(self, newdata: pd.DataFrame) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
-        """new_design(newdata) -> (X, [(refs, z), ...])
+    def re_terms(self, re_form: Any = "full") -> list[int]:
+        """re_terms(re_form="full") -> list of int
+
+        Indices (into ``terms``) of the random-effects terms an lme4-style ``re_form``
+        keeps: ``"full"`` all of them; ``None``, ``"NA"``, NaN or ``"~0"`` none
+        (population level); a formula of bar terms, e.g. ``"~(1 | herd)"``, the
+        terms it names, each of which must be a term of the model. Anything else
+        is refused.
+
+        Examples
+        --------
+        >>> import stochmm as sm
+        >>> m = sm.Model("diameter ~ 1 + (1 | plate) + (1 | sample)", sm.datasets.load("penicillin"))
+        >>> m.re_terms("~(1 | sample)"), m.re_terms(None), m.re_terms("full")
+        ([1], [], [0, 1])
+        """
+        every = list(range(len(self.terms)))
+        if re_form is None or (isinstance(re_form, float) and np.isnan(re_form)) or re_form is pd.NA:
+            return []
+        forms = ("'full' (every term; the default), None / 'NA' / '~0' (none: population level), or a formula "
+                 "of some of the model's random-effects terms such as "
+                 + repr("~" + " + ".join(dict.fromkeys(t.text or f"({t.lhs} | {t.group})" for t in self.terms))))
+        if not isinstance(re_form, str):
+            raise DataError(f"re_form must be {forms}; got {re_form!r}")
+        text = re_form.strip()
+        if text in ("full", "~."):
+            return every
+        if text in ("NA", "~0", "~ 0", "~-1", "~ -1"):
+            return []
+        if not text.startswith("~"):
+            raise DataError(f"re_form must be {forms}; got {re_form!r}")
+        try:
+            pf = parse_formula("y " + text)
+        except FormulaError as exc:
+            raise DataError(f"re_form {re_form!r} is not a formula of random-effects terms ({exc.args[0]}); "
+                            f"use {forms}") from None
+        if pf.fixed.replace(" ", "") not in ("1", "0", "-1", "1-1") or pf.offsets:
+            raise DataError(f"re_form {re_form!r} names fixed-effects terms; it selects random-effects terms "
+                            f"only: {forms}")
+        if not pf.bars:
+            return []
+
+        def key(lhs: str, group: str) -> tuple[str, tuple[str, ...]]:
+            return lhs.replace(" ", ""), tuple(g.strip("`") for g in group.replace(" ", "").split(":"))
+
+        have = {key(t.lhs, t.group): i for i, t in enumerate(self.terms)}
+        keep = set()
+        for b in pf.bars:
+            k = key(b.lhs, b.group)
+            if k not in have:
+                raise DataError(f"re_form term {b.text!r} is not a random-effects term of the model; the model's "
+                                f"terms: {', '.join(dict.fromkeys(t.text for t in self.terms))}")
+            keep.add(have[k])
+        return sorted(keep)
+
+    def new_design(self, newdata: pd.DataFrame, terms: Sequence[int] | None = None
+                   ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray] | None]]:
+        """new_design(newdata, terms=None) -> (X, [(refs, z) or None, ...])
 
         Fixed-effects matrix and each term's (level index, model matrix) for new
-        data, encoded exactly as the fitted data were. Levels not seen in the fit
-        get index -1 (their random effects are zero).
+        data, encoded exactly as the fitted data were. Only the random-effects
+        terms listed in ``terms`` (indices into ``terms``; default all) are built,
+        and only their columns are needed in ``newdata``; the others are None.
+        Levels of a grouping factor not seen in the fit get index -1 (their random
+        effects are zero). Rows with a level of a fixed-effects factor not seen in
+        the fit have NaN in X, with a warning counting them and naming the column
+        and levels.
         """
+        if not isinstance(newdata, pd.DataFrame):
+            raise DataError(f"newdata must be a pandas DataFrame with the model's columns, got {type(newdata).__name__}")
+        use = list(range(len(self.terms))) if terms is None else list(terms)
+        self._check_new_columns(newdata, use)
         newdata = _r_logicals(newdata)
-        mm = self._fixed_spec.get_model_matrix(newdata, na_action="ignore")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*categories outside of the nominated levels.*")
+            warnings.filterwarnings("ignore", message=".*not in that dtype's categories.*")
+            try:
+                mm = self._fixed_spec.get_model_matrix(newdata, na_action="ignore")
+            except Exception as exc:
+                raise DataError(f"cannot encode newdata for the fixed effects: {clean_message(exc)}") from None
         X = np.asarray(mm, dtype=float)[:, self._fixed_keep]
-        out = []
-        for t, spec, bar, (cats, used) in zip(self.terms, self._term_specs, self._term_bars, self._group_encoding):
+        self._unseen_fixed_levels(newdata, X)
+        out: list[tuple[np.ndarray, np.ndarray] | None] = []
+        for i, (t, spec, bar, (cats, used)) in enumerate(zip(self.terms, self._term_specs, self._term_bars,
+                                                             self._group_encoding)):
+            if i not in use:
+                out.append(None)
+                continue
             if spec is None:
                 z = np.ones((len(newdata), 1))
             else:
@@ -917,6 +1001,64 @@ class Model:
                               "effects are set to 0 (population-level predictions)", UserWarning, stacklevel=3)
             out.append((refs, z))
         return X, out
+
+    def _check_new_columns(self, newdata: pd.DataFrame, use: list[int]) -> None:
+        """Every column the prediction needs is in newdata; a missing one is named, with where it is used."""
+        cols = newdata.columns
+        pf = self.parsed
+        need: dict[str, str] = {}
+        for v in _required(pf.fixed, pf.text, cols):
+            need.setdefault(v, "fixed-effects variable")
+        for off in pf.offsets:
+            for v in _required(f"0 + I({off})", pf.text, cols):
+                need.setdefault(v, f"offset variable of offset({off})")
+        for i in use:
+            bar = self._term_bars[i]
+            if bar.lhs.strip() != "1":
+                for v in _required(bar.lhs, pf.text, cols):
+                    need.setdefault(v, f"variable of random-effects term {bar.text}")
+            for v in bar.group_vars:
+                need.setdefault(v, f"grouping factor of {bar.text}")
+        for v, what in need.items():
+            if v not in cols:
+                kind, _, where = what.partition(" of ")
+                note = f" predict needs it for {where or 'the fixed effects'}" + (
+                    "; population-level predictions (re_form=None) need no grouping or random-effects columns."
+                    if where and not kind.startswith("offset") else ".")
+                raise MissingColumnError(v, cols, what=kind, note=note)
+
+    def _unseen_fixed_levels(self, newdata: pd.DataFrame, X: np.ndarray) -> None:
+        """Rows whose fixed-effects factor has a level the fit did not see: NaN, with a counted warning
+        (formulaic would encode them as the reference level)."""
+        bad = np.zeros(len(newdata), dtype=bool)
+        found = []
+        for var, (kind, state) in self._fixed_spec.encoder_state.items():
+            if str(getattr(kind, "value", kind)) != "categorical":
+                continue
+            name = var.strip("`")
+            cats = pd.Index(state.get("categories", []))
+            if name in newdata.columns:
+                col = newdata[name]
+                k = _codes_in(cats, col)
+                unseen = (k < 0) & col.notna().to_numpy()
+                if unseen.any():
+                    bad |= unseen
+                    levels = pd.unique(col[unseen].astype(str))[:5].tolist()
+                    found.append(f"{name}: {int(unseen.sum())} row(s) with level(s) {levels}")
+            else:  # an expression such as C(x > 1): ask formulaic for its values
+                try:
+                    vals = formulaic.model_matrix(f"0 + {var}", newdata, na_action="ignore")
+                except Exception:
+                    continue
+                zero = np.asarray(vals, dtype=float).sum(axis=1) == 0
+                if zero.any():
+                    bad |= zero
+                    found.append(f"{var}: {int(zero.sum())} row(s) with a level not seen in the fit")
+        if found:
+            X[bad] = np.nan
+            warnings.warn(f"{int(bad.sum())} of {len(newdata)} rows of newdata have a level of a fixed-effects factor "
+                          f"not seen in the fit ({'; '.join(found)}): their predictions are NaN",
+                          UserWarning, stacklevel=4)
 
     def __repr__(self) -> str:
         terms = ", ".join(f"{t.text or t.lhs} [{t.group}: {t.nlev}x{t.k}]" for t in self.terms)

@@ -100,6 +100,7 @@ class GlmmResults(MixedModelResults):
 
     @property
     def family_label(self) -> str:  # type: ignore[override]
+        """The family and link as lme4 prints them, e.g. ``binomial  ( logit )``."""
         return self.family.label
 
     def _linkinv(self, eta: np.ndarray) -> np.ndarray:
@@ -120,6 +121,7 @@ class GlmmResults(MixedModelResults):
 
     @property
     def method_title(self) -> str:
+        """The approximation as lme4's summary names it (Laplace, adaptive Gauss-Hermite quadrature)."""
         if self.nagq == 1:
             return "Laplace Approximation"
         return f"Adaptive Gauss-Hermite Quadrature, nAGQ = {self.nagq}"

@@ -89,6 +89,7 @@ class LmmResults(MixedModelResults):
 
     @property
     def scaled_residuals(self) -> np.ndarray:
+        """Residuals scaled by σ/√w (lme4's ``residuals(fit, scaled = TRUE)``)."""
         return self.residuals * np.sqrt(self.model.prior_weights) / self.sigma
 
     def summary(self) -> Summary:

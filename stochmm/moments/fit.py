@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..builder.model import Model
 from ..errors import DataError, DesignError
-from ._common import MomentResults, independent_from_gram, lme4_order, require_intercept_terms
+from ._common import MomentResults, independent_from_gram, lme4_order, require_intercept_terms, require_variation
 from .crossed import (
     CrossedStats,
     crossed_arrays_fit,
@@ -260,6 +260,7 @@ def _mom_pandas(formula, data, method, size_effect, se, nboot, seed, alchemy, ch
     require_intercept_terms(m, "mom")
     method = _check_method(len(m.terms), method, size_effect)
     X, y = m.X, m.y - m.offset
+    require_variation(m, y)
     xnames = list(m.xnames)
     info: dict[str, Any] = {"backend": "pandas"}
     if alchemy:
