@@ -401,3 +401,11 @@ def test_degenerate_responses_are_refused_or_warned():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert np.isfinite(sm.mom("Yield ~ 1 + (1 | Batch)", sm.datasets.load("dyestuff")).theta).all()
+
+
+def test_mom_flags_are_checked_at_the_entry_point():
+    d = sm.datasets.load("dyestuff")
+    with pytest.raises(sm.OptionError, match="size_effect must be True or False, got 'yes'"):
+        sm.mom("Yield ~ 1 + (1 | Batch)", d, size_effect="yes")
+    with pytest.raises(sm.OptionError, match="nboot must be a positive integer"):
+        sm.mom("Yield ~ 1 + (1 | Batch)", d, nboot=0)
