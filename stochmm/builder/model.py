@@ -937,8 +937,12 @@ class Model:
         if not pf.bars:
             return []
 
-        def key(lhs: str, group: str) -> tuple[str, tuple[str, ...]]:
-            return lhs.replace(" ", ""), tuple(g.strip("`") for g in group.replace(" ", "").split(":"))
+        def key(lhs: str, group: str) -> tuple[frozenset, tuple[str, ...]]:
+            try:  # the term's effects, so that (Days | g) and (1 + Days | g) are one term, as in lme4
+                effects = frozenset(str(t) for t in formulaic.Formula(lhs))
+            except Exception:
+                effects = frozenset([lhs.replace(" ", "")])
+            return effects, tuple(g.strip("`") for g in group.replace(" ", "").split(":"))
 
         have = {key(t.lhs, t.group): i for i, t in enumerate(self.terms)}
         keep = set()

@@ -434,3 +434,12 @@ def test_predict_warns_when_the_fit_offset_is_not_in_newdata(sleep):
     with pytest.warns(UserWarning, match="offset="):
         fv.predict(sleep.head(2))
     np.testing.assert_allclose(fv.predict(sleep.head(2), offset=[3.0, 3.0]), fv.fitted[:2])
+
+
+def test_re_form_terms_match_by_their_effects(sleep):
+    m = sm.Model("Reaction ~ Days + (Days || Subject)", sleep)
+    assert m.re_terms("~(Days || Subject)") == [0, 1] and m.re_terms("~(0 + Days | Subject)") == [1]
+    m = sm.Model("Reaction ~ Days + (Days | Subject)", sleep)
+    assert m.re_terms("~(1 + Days | Subject)") == m.re_terms("~(Days|Subject)") == [0]
+    with pytest.raises(DataError, match="not a random-effects term"):
+        m.re_terms("~(0 + Days | Subject)")
