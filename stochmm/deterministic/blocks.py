@@ -122,13 +122,30 @@ def _centre_scale(X: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarr
     n, p = X.shape
     sw = np.sqrt(w)
     b0 = np.zeros(p)
-    r = np.asarray(y, dtype=float).copy()
+    y = np.asarray(y, dtype=float)
+    r = y.copy()
     if p and np.any(r) and np.all(np.isfinite(r)):
-        Xw = X * sw[:, None]
-        for _ in range(2):  # least squares, then one step of refinement on the residual
-            step = np.linalg.lstsq(Xw, sw * r, rcond=None)[0]
-            b0 += step
-            r = y - X @ b0
+        # normal equations with iterative refinement on the residual: each step uses the residual
+        # computed from the data, so b0 converges to the least-squares fit while cond(X)² eps < 1;
+        # an orthogonal factorization (4-30x slower on tall X) only where that fails
+        Xw = X * w[:, None]
+        try:
+            c = sla.cho_factor(Xw.T @ X, lower=True, check_finite=False)
+            solve = lambda v: sla.cho_solve(c, Xw.T @ v, check_finite=False)  # noqa: E731
+            steps = 4
+        except np.linalg.LinAlgError:
+            Q, R = np.linalg.qr(X * sw[:, None])
+            solve = lambda v: sla.solve_triangular(R, Q.T @ (sw * v), check_finite=False)  # noqa: E731
+            steps = 2
+        for _ in range(steps):
+            b0 += solve(r)
+            r_new = y - X @ b0
+            # r² depends on r only through its size next to the true residual: stop once a step
+            # no longer changes it
+            done = np.linalg.norm(r_new - r) <= 1e-6 * np.linalg.norm(r_new)
+            r = r_new
+            if done:
+                break
     ss = float(np.sum(w * r * r))
     s = np.sqrt(ss / n) if ss > 0 and np.isfinite(ss) else 1.0
     return b0, s, r / s
@@ -268,6 +285,8 @@ class BlockedSystem:
         wy = w * yc
         self._reweight(w, wy, float(wy @ yc))
         self._yshift, self._yscale = shift, scale
+        #: RMS of y's weighted least-squares residual on X (0: y has no variation beyond X)
+        self.y_residual_rms = float(scale * np.sqrt(np.mean(w * yc * yc)))
         return self
 
     def reweight(self, w: np.ndarray, wy: np.ndarray, ywy: float) -> BlockedSystem:

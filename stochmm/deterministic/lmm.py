@@ -186,8 +186,8 @@ def fit_lmm(model: Model, reml: bool = True, *, start: np.ndarray | None = None,
     reml, optimizer_options = _lmm_keywords(optimizer_options, "fit_lmm", reml)
     check_derivatives, condvar = check_flag(check_derivatives, "check_derivatives"), check_flag(condvar, "condvar")
     keep_log = check_flag(keep_log, "keep_log")
-    _check_response_varies(model)
     dev = ProfiledDeviance(model, reml=reml)
+    _check_response_varies(model, dev.system.y_residual_rms)
     if start is None:
         start = "moments" if moment_start_applies(model) else "lme4"
     if isinstance(start, str):
@@ -241,18 +241,12 @@ def fit_lmm(model: Model, reml: bool = True, *, start: np.ndarray | None = None,
     return res
 
 
-def _check_response_varies(model: Model) -> None:
-    """A response with no variation about its fit on X leaves nothing for the variance
-    components: say so instead of letting the factorization fail."""
+def _check_response_varies(model: Model, residual_rms: float) -> None:
+    """A response with no variation about its least-squares fit on X leaves nothing for the
+    variance components: say so instead of letting the factorization fail."""
     y = model.y - model.offset
-    if model.p:
-        w = np.sqrt(model.prior_weights)
-        coef = np.linalg.lstsq(model.X * w[:, None], w * y, rcond=None)[0]
-        r = y - model.X @ coef
-    else:
-        r = y
-    scale = max(float(np.max(np.abs(y))), 1e-300) if y.size else 1.0
-    if not np.any(np.abs(r) > 1e-12 * scale):
+    scale = float(np.max(np.abs(y))) if y.size else 0.0
+    if not residual_rms > 1e-12 * scale:
         what = "is constant" if np.ptp(y) == 0 else "is fitted exactly by the fixed effects"
         raise DataError(f"the response {model.response_name!r} {what} (no residual variation): "
                         "a linear mixed model has no variance to estimate")
