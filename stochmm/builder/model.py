@@ -493,7 +493,9 @@ class Model:
         resp = self.parsed.response
         exprs = list(_split_args(resp[len("cbind(") : -1])) if resp.startswith("cbind(") and resp.endswith(")") else [resp]
         exprs = [e for e in exprs if not _is_name(e, frame.columns)] + list(self.parsed.offsets)
-        if not exprs:
+        # transformed predictors (log(Days), I(1/x)): the fixed part and random-effects terms with a call
+        parts = [p for p in dict.fromkeys([self.parsed.fixed, *(b.lhs for b in self.parsed.bars)]) if "(" in p]
+        if not exprs and not parts:
             return frame, row_index
         bad = np.zeros(len(frame), dtype=bool)
         culprits = []
@@ -504,6 +506,21 @@ class Model:
             if nf.any():
                 culprits.append(f"{e}: {int(nf.sum())}")
                 bad |= nf
+        for part in parts:
+            try:
+                with np.errstate(all="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    mm = formulaic.model_matrix(_quote_dotted(_poly_ordered(_r_power(part), frame), frame.columns),
+                                                _r_logicals(frame), na_action="ignore")
+            except Exception:  # reported with its message when the matrix is built
+                continue
+            vals = np.asarray(mm, dtype=float)
+            nf = ~np.isfinite(vals)
+            for j in np.flatnonzero(nf.any(axis=0)):
+                name = r_column_name(str(mm.columns[j]))
+                if not any(c.startswith(f"{name}: ") for c in culprits):
+                    culprits.append(f"{name}: {int(nf[:, j].sum())}")
+            bad |= nf.any(axis=1)
         if not bad.any():
             return frame, row_index
         keep = np.flatnonzero(~bad)

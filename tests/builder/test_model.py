@@ -443,3 +443,10 @@ def test_re_form_terms_match_by_their_effects(sleep):
     assert m.re_terms("~(1 + Days | Subject)") == m.re_terms("~(Days|Subject)") == [0]
     with pytest.raises(DataError, match="not a random-effects term"):
         m.re_terms("~(0 + Days | Subject)")
+
+
+def test_nonfinite_transformed_predictors_follow_the_same_rule(sleep):
+    for f in ("Reaction ~ log(Days) + (1 | Subject)", "Reaction ~ Days + (log(Days) | Subject)"):
+        with pytest.warns(MissingDataWarning, match=r"18 of 180 rows dropped .*log\(Days\): 18"):
+            m = sm.Model(f, sleep)
+        assert m.n == 162 and np.all(np.isfinite(m.X)) and np.all(np.isfinite(m.Z.data))
