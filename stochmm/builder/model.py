@@ -311,8 +311,7 @@ class Model:
     :class:`~stochmm.errors.MissingDataWarning` that counts the rows and names each
     column with its count, when any variable of the model is NA/NaN, ``inf`` or
     ``-inf`` there: the response, predictors, grouping factors, weights, offset,
-    and transformations of the response or offset that are not finite
-    (``log(0)``). ``n_dropped_na`` counts them; ``row_index`` maps the kept rows
+    and transformations of any of them that are not finite there (``log(0)``). ``n_dropped_na`` counts them; ``row_index`` maps the kept rows
     back to the data.
 
     **Numeric roles take numbers.** Weights and offsets given as a column must be

@@ -369,7 +369,8 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, weights: Any = 
     data : pandas.DataFrame
         Not modified.
     reml : bool
-        REML (default) or maximum likelihood.
+        REML (default) or maximum likelihood; True or False only (``REML=`` is
+        accepted for it, lme4's spelling).
     weights, offset : str or array-like, optional
         Prior weights (residual variance σ²/w) and an offset.
     start : array-like, optional
