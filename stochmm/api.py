@@ -72,8 +72,13 @@ def fit(model: Any, method: str | None = None, **options: Any) -> Any:
     (:func:`stochmm.deterministic.glmm.fit_glmm`).
     """
     if model.family_name == "gaussian":
-        m = (method or "REML").upper()
-        if m not in ("REML", "ML"):
-            raise ValueError(f"method for a linear mixed model is 'REML' or 'ML', not {method!r}")
-        return resolve("Model.fit:lmm")(model, reml=(m == "REML"), **options)
+        if method is not None:  # method= and reml=/REML= are two spellings of one choice
+            m = method.upper() if isinstance(method, str) else None
+            if m not in ("REML", "ML"):
+                raise ValueError(f"method for a linear mixed model is 'REML' or 'ML', not {method!r}")
+            for key in ("reml", "REML"):
+                if key in options and options[key] is not (m == "REML"):
+                    raise ValueError(f"method={method!r} contradicts {key}={options[key]!r}; give one")
+            options = {k: v for k, v in options.items() if k not in ("reml", "REML")} | {"reml": m == "REML"}
+        return resolve("Model.fit:lmm")(model, **options)
     return resolve("Model.fit:glmm")(model, method=method, **options)

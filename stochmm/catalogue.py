@@ -59,11 +59,14 @@ class CatalogueEntry:
 
 
 def default_dir() -> Path:
-    """``models/`` of the source checkout (cwd first, then next to the package)."""
-    for cand in (Path.cwd() / "models", Path(__file__).resolve().parent.parent / "models"):
+    """The catalogue: ``models/`` of the current folder, else of the source checkout the package
+    runs from, else the copy installed with the package (``stochmm/models``)."""
+    here = Path(__file__).resolve().parent
+    for cand in (Path.cwd() / "models", here.parent / "models", here / "models"):
         if cand.is_dir() and any(cand.glob("*.toml")):
             return cand
-    raise FileNotFoundError("no models/ catalogue found; pass its directory explicitly")
+    raise FileNotFoundError("no models/ catalogue found (neither ./models, the source checkout's models/ nor "
+                            "the installed stochmm/models); pass its directory explicitly")
 
 
 def load_catalogue(directory: str | Path | None = None) -> list[CatalogueEntry]:

@@ -40,6 +40,8 @@ def _versus(fit, entry_id: str) -> None:
 def demo(args: argparse.Namespace) -> int:
     import stochmm as sm
 
+    from .results import format_coef_table
+
     _rule("sleepstudy: Reaction ~ Days + (Days | Subject), REML")
     d = sm.datasets.load("sleepstudy")
     t0 = time.perf_counter()
@@ -68,7 +70,7 @@ def demo(args: argparse.Namespace) -> int:
     text = str(fit.summary()).split("\nFixed effects:")[0]
     print(text)
     print(f"\nFixed effects (first 6 of {len(fit.fixef)}):")
-    print(fit.coef_table().head(6).round(5).to_string())
+    print(format_coef_table(fit.coef_table().head(6)))
     print(f"\nwhole call (DataFrame -> fitted model) in {el:.2f} s ({fit.optsum.feval} deviance evaluations)")
     _versus(fit, "insteval_ML")
 
@@ -94,7 +96,7 @@ def demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     fv = sm.glmer("r2 ~ Anger + Gender + btype + situ + (1 | id) + (1 | item)", d, family="binomial")
     el = time.perf_counter() - t0
-    print(fv.coef_table().round(5).to_string())
+    print(format_coef_table(fv.coef_table()))
     print(fv.varcorr.to_string(index=False))
     print(f"\nwhole call in {el * 1000:.0f} ms")
     _versus(fv, "verbagg_laplace")

@@ -30,7 +30,7 @@ class FormulaError(StochmmError, ValueError):
 class MissingColumnError(StochmmError, KeyError):
     """A variable named in the formula (or as weights/offset) is not a column of the data."""
 
-    def __init__(self, name: str, columns: Iterable[str], what: str = "variable"):
+    def __init__(self, name: str, columns: Iterable[str], what: str = "variable", note: str = ""):
         cols = [str(c) for c in columns]
         near = difflib.get_close_matches(name, cols, n=1, cutoff=0.6)
         if not near:  # case-insensitive fallback: 'reaction' -> 'Reaction'
@@ -41,7 +41,7 @@ class MissingColumnError(StochmmError, KeyError):
         shown = ", ".join(cols[:12]) + (", ..." if len(cols) > 12 else "")
         self.name = name
         self.suggestion = near[0] if near else None
-        super().__init__(f"{what} {name!r} is not a column of the data.{hint} Columns: {shown}")
+        super().__init__(f"{what} {name!r} is not a column of the data.{hint} Columns: {shown}.{note}")
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]
@@ -77,3 +77,80 @@ class RankDeficiencyWarning(UserWarning):
 
 class MissingDataWarning(UserWarning):
     """Rows with missing values in the model's variables were dropped."""
+
+
+class OptionError(StochmmError, TypeError, ValueError):
+    """An unknown keyword argument, or a flag/choice argument of the wrong type or value, at an entry point.
+
+    Both a ``TypeError`` (what Python raises for an unknown keyword) and a
+    ``ValueError`` (what a bad choice used to raise).
+    """
+
+
+def check_keywords(given: Iterable[str], valid: Iterable[str], func: str, hints: dict[str, str] | None = None) -> None:
+    """check_keywords(given, valid, func, hints=None)
+
+    Refuse keyword arguments ``func`` does not take, naming the nearest valid one
+    (or the hint given for it, e.g. ``family=`` → use ``glmer``) and listing the
+    valid ones.
+
+    Examples
+    --------
+    >>> check_keywords(["maxeval"], ["maxeval", "ftol_rel"], "lmer")
+    >>> try:
+    ...     check_keywords(["maxevals"], ["maxeval", "ftol_rel"], "lmer")
+    ... except OptionError as e:
+    ...     print(e)
+    lmer() got an unexpected keyword argument 'maxevals'. Did you mean 'maxeval'? Valid keywords: ftol_rel, maxeval
+    """
+    valid = sorted(valid)
+    for name in given:
+        if name in valid:
+            continue
+        if hints and name in hints:
+            raise OptionError(f"{func}() got an unexpected keyword argument {name!r}: {hints[name]}")
+        near = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+        if not near:
+            low = {v.lower(): v for v in valid}
+            near = [low[name.lower()]] if name.lower() in low else []
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise OptionError(f"{func}() got an unexpected keyword argument {name!r}.{hint} "
+                          f"Valid keywords: {', '.join(valid)}")
+
+
+def check_flag(value: object, name: str, allow_none: bool = False) -> bool | None:
+    """check_flag(value, name, allow_none=False) -> bool
+
+    A True/False argument: ``bool`` or ``numpy.bool_`` only. A string (``reml="ML"``
+    is true in Python) or a number is refused, naming the argument.
+
+    Examples
+    --------
+    >>> check_flag(False, "reml")
+    False
+    """
+    import numpy as np
+
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise OptionError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+
+
+def check_choice(value: object, name: str, choices: Iterable[str]) -> str:
+    """check_choice(value, name, choices) -> str
+
+    A string argument that must be one of ``choices`` (case as given).
+
+    Examples
+    --------
+    >>> check_choice("sparse", "rule", ("tensor", "sparse"))
+    'sparse'
+    """
+    choices = list(choices)
+    if not isinstance(value, str) or value not in choices:
+        near = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6) if isinstance(value, str) else []
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise OptionError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.{hint}")
+    return value

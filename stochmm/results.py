@@ -57,7 +57,7 @@ def varcorr_table(model: Model, theta: np.ndarray, sigma: float | None) -> pd.Da
     """varcorr_table(model, theta, sigma) -> DataFrame
 
     Tidy variance components (lme4's ``as.data.frame(VarCorr(fit))``): one row per
-    variance (``term2`` empty, ``corr`` NaN) then per covariance of each term, and a
+    variance (``term2`` NaN, ``corr`` NaN) then per covariance of each term, and a
     ``Residual`` row when ``sigma`` is given. The scale is σ² (1 for GLMMs without
     a dispersion parameter: pass ``sigma=None`` and variances use σ = 1).
     """
@@ -68,14 +68,16 @@ def varcorr_table(model: Model, theta: np.ndarray, sigma: float | None) -> pd.Da
         cov = s * s * (T @ T.T)
         sd = np.sqrt(np.diag(cov))
         for a in range(t.k):
-            rows.append((name, t.cnames[a], None, cov[a, a], sd[a], np.nan))
+            rows.append((name, t.cnames[a], np.nan, cov[a, a], sd[a], np.nan))
         for a in range(t.k):
             for b in range(a + 1, t.k):
                 denom = sd[a] * sd[b]
                 rows.append((name, t.cnames[a], t.cnames[b], cov[a, b], np.nan, cov[a, b] / denom if denom > 0 else np.nan))
     if sigma is not None:
-        rows.append(("Residual", None, None, s * s, s, np.nan))
-    return pd.DataFrame(rows, columns=["group", "term1", "term2", "variance", "sd", "corr"])
+        rows.append(("Residual", np.nan, np.nan, s * s, s, np.nan))
+    out = pd.DataFrame(rows, columns=["group", "term1", "term2", "variance", "sd", "corr"])
+    # one missing marker (NaN) in the name columns, which stay text (object) columns even when all missing
+    return out.astype({"term1": object, "term2": object})
 
 
 def _decimals(values, digits: int) -> int:
@@ -188,38 +190,47 @@ class MixedModelResults:
     # -- parameters ---------------------------------------------------------------------------
     @property
     def _diag_theta(self) -> np.ndarray:
+        """Positions in θ of the diagonal elements of each term's factor (the variance parameters)."""
         return np.concatenate([t.diag_index + s.start for t, s in zip(self.model.terms, self.model.theta_slices)])
 
     @property
     def aic(self) -> float:
-        return -2.0 * self.loglik + 2.0 * self.df
+        """Akaike information criterion, −2 log L + 2 df (a Python float)."""
+        return float(-2.0 * self.loglik + 2.0 * self.df)
 
     @property
     def bic(self) -> float:
-        return -2.0 * self.loglik + self.df * np.log(self.nobs)
+        """Bayesian information criterion, −2 log L + df log n (a Python float)."""
+        return float(-2.0 * self.loglik + self.df * np.log(self.nobs))
 
     @property
     def deviance(self) -> float:
-        return -2.0 * self.loglik
+        """−2 log-likelihood (REML fits: the REML criterion), a Python float."""
+        return float(-2.0 * self.loglik)
 
     @property
     def fixef(self) -> pd.Series:
+        """Fixed-effects estimates β̂, indexed by column name."""
         return pd.Series(self._beta, index=self.model.xnames, name="fixef")
 
     @property
     def vcov(self) -> pd.DataFrame:
+        """Covariance matrix of the fixed-effects estimates."""
         return pd.DataFrame(self._vcov, index=self.model.xnames, columns=self.model.xnames)
 
     @property
     def se(self) -> pd.Series:
+        """Standard errors of the fixed effects (square roots of the diagonal of ``vcov``)."""
         return pd.Series(np.sqrt(np.diag(self._vcov)), index=self.model.xnames, name="se")
 
     @property
     def ngroups(self) -> dict[str, int]:
+        """Number of levels of each grouping factor."""
         return self.model.ngroups
 
     @property
     def varcorr(self) -> pd.DataFrame:
+        """Variance components, tidy: group, term1, term2, variance, sd, corr (lme4's ``VarCorr``)."""
         return varcorr_table(self.model, self.theta, self.sigma if self._dispersion else None)
 
     # -- random effects -----------------------------------------------------------------------
@@ -236,6 +247,7 @@ class MixedModelResults:
 
     @property
     def ranef(self) -> dict[str, pd.DataFrame]:
+        """Conditional modes of the random effects: grouping factor -> DataFrame (levels × terms)."""
         out = {}
         for g, idx in self._by_group().items():
             frames = []
@@ -248,6 +260,7 @@ class MixedModelResults:
 
     @property
     def ranef_condvar(self) -> dict[str, np.ndarray]:
+        """Conditional covariances of the random effects: grouping factor -> (levels, k, k) array."""
         if self._b_condvar is None:
             raise AttributeError("conditional variances were not computed for this fit")
         if callable(self._b_condvar):
@@ -278,6 +291,7 @@ class MixedModelResults:
     # -- predictions ----------------------------------------------------------------------------
     @property
     def linear_predictor(self) -> np.ndarray:
+        """Linear predictor Xβ̂ + Zb̂ + offset at the fitted data."""
         m = self.model
         return m.X @ self._beta + m.Z @ self._b + m.offset
 
@@ -286,47 +300,95 @@ class MixedModelResults:
 
     @property
     def fitted(self) -> np.ndarray:
+        """Fitted values on the response scale (conditional on the random effects)."""
         return self._linkinv(self.linear_predictor)
 
     @property
     def residuals(self) -> np.ndarray:
+        """Response residuals, y − fitted."""
         return self.model.y - self.fitted
 
     def predict(self, newdata: pd.DataFrame | None = None, type: str = "response", re_form: str | None = "full",
                 offset: np.ndarray | str | None = None) -> np.ndarray:
         """predict(newdata=None, type="response", re_form="full", offset=None) -> ndarray
 
-        Predictions on the link (``type="link"``) or response scale. ``re_form=None``
-        (or ``"~0"``) gives population-level predictions (random effects set to
-        zero); levels not seen in the fit get zero random effects. ``offset()`` terms
-        of the formula are evaluated on ``newdata``; an offset given to the fit as
-        ``offset=`` must be given again here for new data (values or a column name).
+        Predictions on the link (``type="link"``) or response scale, as lme4's ``predict``.
+
+        Parameters
+        ----------
+        newdata : pandas.DataFrame, optional
+            Default: the fitted data. Needs the fixed-effects columns, and the grouping
+            (and random-slope) columns of the random-effects terms ``re_form`` keeps.
+        type : {"response", "link"}
+        re_form : str or None
+            lme4's forms: ``"full"`` (default: every random-effects term); ``None``,
+            ``"NA"`` or ``"~0"`` (population level: random effects set to zero); or a
+            formula of some of the model's random-effects terms, e.g. ``"~(1 | plate)"``.
+            Anything else is refused.
+        offset : array-like or str, optional
+            An offset given to the fit as ``offset=`` must be given again for new data
+            (values or a column name); when it was a column name that ``newdata`` has,
+            that column is used. ``offset()`` terms of the formula are evaluated on
+            ``newdata``.
+
+        Levels of a grouping factor not seen in the fit get zero random effects; rows
+        with a level of a fixed-effects factor not seen in the fit predict NaN, with a
+        warning that counts them.
+
+        Examples
+        --------
+        >>> import stochmm as sm
+        >>> fit = sm.lmer("diameter ~ 1 + (1 | plate) + (1 | sample)", sm.datasets.load("penicillin"))
+        >>> [round(float(v), 3) for v in (fit.predict(re_form="~(1 | plate)")[0], fit.predict(re_form=None)[0])]
+        [23.777, 22.972]
         """
         if type not in ("link", "response"):
             raise ValueError(f"type must be 'link' or 'response', not {type!r}")
         m = self.model
+        keep = m.re_terms(re_form)
         if newdata is None:
             eta = m.X @ self._beta + m.offset
-            if re_form not in (None, "~0", "NA"):
-                eta = eta + m.Z @ self._b
+            for i in keep:
+                sl = m.z_slices[i]
+                eta = eta + m.Z[:, sl] @ self._b[sl]
         else:
-            X, re = m.new_design(newdata)
+            X, re = m.new_design(newdata, terms=keep)
             eta = X @ self._beta
             if m.parsed.offsets:
                 from .builder.model import eval_numeric
 
                 for expr in m.parsed.offsets:
                     eta = eta + eval_numeric(expr, newdata)
+            if offset is None and m.offset_arg is not None:
+                if m.offset_arg != "values" and m.offset_arg in newdata.columns:
+                    offset = m.offset_arg
+                else:
+                    import warnings
+
+                    warnings.warn("the fit used an offset= argument that newdata does not provide: these predictions "
+                                  "are without it; pass offset= (values or a column name) to include it",
+                                  UserWarning, stacklevel=2)
             if offset is not None:
-                eta = eta + (newdata[offset].to_numpy(dtype=float) if isinstance(offset, str)
-                             else np.asarray(offset, dtype=float))
-            if re_form not in (None, "~0", "NA"):
-                for (refs, z), t, sl in zip(re, m.terms, m.z_slices):
-                    bt = self._b[sl].reshape(t.nlev, t.k)
-                    known = refs >= 0
-                    contrib = np.zeros(len(refs))
-                    contrib[known] = np.einsum("ij,ij->i", z[known], bt[refs[known]])
-                    eta = eta + contrib
+                if isinstance(offset, str):
+                    if offset not in newdata.columns:
+                        from .errors import MissingColumnError
+
+                        raise MissingColumnError(offset, newdata.columns, what="offset column")
+                    off = newdata[offset].to_numpy(dtype=float)
+                else:
+                    off = np.asarray(offset, dtype=float)
+                if off.shape != (len(newdata),):
+                    raise ValueError(f"offset must have one value per row of newdata ({len(newdata)}); "
+                                     f"got shape {off.shape}")
+                eta = eta + off
+            for i in keep:
+                refs, z = re[i]
+                t, sl = m.terms[i], m.z_slices[i]
+                bt = self._b[sl].reshape(t.nlev, t.k)
+                known = refs >= 0
+                contrib = np.zeros(len(refs))
+                contrib[known] = np.einsum("ij,ij->i", z[known], bt[refs[known]])
+                eta = eta + contrib
         return eta if type == "link" else self._linkinv(eta)
 
     def confint(self, level: float = 0.95) -> pd.DataFrame:

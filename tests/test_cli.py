@@ -28,3 +28,25 @@ def test_demo_fits_real_models():
                   "(Laplace Approximation) ['glmerMod']", "VerbAgg", "σ² + 4·σ²(Variety:Block) + 12·σ²(Block)"]:
         assert piece in out.stdout, piece
     assert "FAIL" not in out.stdout
+    # issue 8, 3.10: every coefficient table in lme4's layout, one missing marker
+    assert "None" not in out.stdout
+    assert "btypeshout  -2.10540    0.25947  -8.114 4.88e-16" in out.stdout
+
+
+def test_subpackages_load_lazily_as_the_readme_uses_them():
+    """issue 8, 3.3: `stochmm.plots.caterpillar(fit)` right after `import stochmm`."""
+    code = ("import stochmm, sys; assert 'stochmm.plots' not in sys.modules; "
+            "print(stochmm.plots.caterpillar.__name__, stochmm.moments.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**__import__("os").environ, "MPLBACKEND": "Agg"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["caterpillar", "stochmm.moments"]
+
+
+def test_progress_bars_stay_out_of_logs():
+    """issue 8, 3.10: no tqdm carriage returns when stderr is not a terminal; progress=False switches them off."""
+    code = ("import stochmm as sm; d = sm.datasets.load('dyestuff'); "
+            "sm.mom('Yield ~ 1 + (1 | Batch)', d, se='bootstrap', nboot=50, seed=1)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "\r" not in out.stderr and "bootstrap" not in out.stderr

@@ -267,6 +267,7 @@ class Family:
 
     @property
     def canonical(self) -> bool:
+        """Whether the link is the family's canonical link (observed = expected information)."""
         return False
 
     def __repr__(self) -> str:
@@ -353,6 +354,7 @@ class Binomial(Family):
 
     @property
     def canonical(self) -> bool:
+        """Whether the link is the family's canonical link (observed = expected information)."""
         return self.link.name == "logit"
 
     def variance(self, mu):
@@ -438,6 +440,7 @@ class Poisson(Family):
 
     @property
     def canonical(self) -> bool:
+        """Whether the link is the family's canonical link (observed = expected information)."""
         return self.link.name == "log"
 
     def variance(self, mu):

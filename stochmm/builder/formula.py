@@ -17,9 +17,20 @@ from dataclasses import dataclass
 
 from ..errors import FormulaError
 
-__all__ = ["BarTerm", "ParsedFormula", "parse_formula"]
+__all__ = ["BarTerm", "ParsedFormula", "parse_formula", "clean_message"]
 
-_NAME = r"[A-Za-z_.][A-Za-z0-9_.]*|`[^`]+`"
+# a variable name: a Python identifier in any script (``группа``), possibly with R's dots, or a backquoted name
+_NAME = r"(?:[^\W\d]|\.)[\w.]*|`[^`]+`"
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def clean_message(exc: BaseException) -> str:
+    """clean_message(exc) -> str
+
+    An exception's text without terminal colour codes (formulaic colours its
+    parse errors), for embedding in stochmm's own messages.
+    """
+    return _ANSI.sub("", str(exc))
 _GROUP_RE = re.compile(rf"^\s*({_NAME})(\s*[:/]\s*({_NAME}))*\s*$")
 
 
@@ -43,6 +54,7 @@ class BarTerm:
 
     @property
     def group_vars(self) -> list[str]:
+        """The variables of the grouping factor (``a:b`` → ``['a', 'b']``)."""
         return [g.strip().strip("`") for g in self.group.split(":")]
 
 
@@ -143,7 +155,7 @@ def _double_bar_terms(lhs: str, formula: str, pos: int) -> list[str]:
     try:
         labels = [str(t) for t in formulaic.Formula(lhs)]
     except Exception as exc:
-        raise FormulaError(f"cannot read the terms of {lhs!r}: {exc}", formula, pos) from None
+        raise FormulaError(f"cannot read the terms of {lhs!r}: {clean_message(exc)}", formula, pos) from None
     return ["1" if t == "1" else f"0 + {t}" for t in labels]
 
 
@@ -159,6 +171,31 @@ def _expand_group(group: str, formula: str, pos: int) -> list[str]:
     # lme4's expansion: a/b/c -> a, b:a, c:b:a (the inner factor first, as lme4 names it)
     parts = [p.strip() for p in g.split("/")]
     return [":".join(reversed(parts[: i + 1])) for i in range(len(parts))]
+
+
+def _check_term_shape(p: str, text: str, pos: int) -> None:
+    """Errors in a term holding a parenthesised bar: text after it (``(1 | g) @``, caret on the
+    stray text) or an operator combining it with other terms (``Days * (1 | g)``)."""
+    depth, opened = 0, None
+    for i, ch in enumerate(p):
+        if ch == "(":
+            if depth == 0:
+                opened = i
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0 and opened is not None and _find_bar(p[opened + 1 : i]) is not None:
+                before, after = p[:opened].strip(), p[i + 1 :]
+                if after.strip():
+                    j = i + 1 + len(after) - len(after.lstrip())
+                    raise FormulaError(f"unexpected {after.strip()!r} after the random-effects term "
+                                       f"{p[opened : i + 1]!r}; terms are joined by '+'", text, pos + j)
+                if before and not before.endswith(tuple("(,")) and not re.search(r"[\w.`]$", before):
+                    op = before[-1]
+                    raise FormulaError(
+                        f"a random-effects term {p[opened : i + 1]!r} cannot be combined with other terms by "
+                        f"{op!r}; add it as a separate term, e.g. 'y ~ x + (1 | g)' (lme4's rule too)",
+                        text, pos + len(before) - 1)
 
 
 def parse_formula(formula: str) -> ParsedFormula:
@@ -204,6 +241,14 @@ def parse_formula(formula: str) -> ParsedFormula:
     if not rhs.strip():
         raise FormulaError("formula has nothing on the right of '~'", text, len(text) - 1)
 
+    top = _find_bar(rhs)
+    if top is not None and len(_split_top(rhs[: top[0]].strip(), "+-")) == 1:
+        # `Yield ~ 1 | Batch`: R reads a bar at the top of the right-hand side as one term
+        # (`~` binds loosest), lme4 as (1 | Batch) with an intercept-only fixed part. With a sum
+        # before the bar (`y ~ x + 1 | g`, which R reads as (x + 1 | g)) the intent is unclear: refused below
+        lead = len(rhs) - len(rhs.lstrip())
+        rhs_start, rhs = rhs_start + lead - 1, "(" + rhs.strip() + ")"
+
     fixed_parts: list[str] = []
     bars: list[BarTerm] = []
     offsets: list[str] = []
@@ -214,11 +259,13 @@ def parse_formula(formula: str) -> ParsedFormula:
             if sep or start > 0:
                 raise FormulaError("empty term in formula", text, max(pos - 1, 0))
             continue
+        _check_term_shape(p, text, pos)
         inner = p[1:-1] if p.startswith("(") and p.endswith(")") else None
         bar = _find_bar(inner) if inner is not None else None
         if bar is None and "|" in p:
             raise FormulaError(
-                "random-effects term must be enclosed in parentheses, as in '(1 | g)'",
+                "random-effects term must be enclosed in parentheses, as in '(1 | g)' (without them R "
+                "would read every term before '|' as part of it)",
                 text,
                 pos + p.index("|"),
             )

@@ -27,7 +27,7 @@ from ..errors import (
     MissingDataWarning,
     RankDeficiencyWarning,
 )
-from .formula import BarTerm, ParsedFormula, parse_formula
+from .formula import BarTerm, ParsedFormula, clean_message, parse_formula
 from .terms import ReTerm
 
 __all__ = ["Model", "r_column_name", "eval_numeric"]
@@ -96,7 +96,7 @@ def _required(expr: str, formula_text: str, columns=()) -> set[str]:
         found = set(formulaic.Formula(quoted).required_variables)
     except Exception as exc:  # formulaic's parse errors are opaque; show the formula
         hint = " (R's x^2 is x**2 here)" if "^" in expr else ""
-        raise FormulaError(f"cannot parse {expr!r}{hint}: {exc}", formula_text) from None
+        raise FormulaError(f"cannot parse {expr!r}{hint}: {clean_message(exc)}", formula_text) from None
     dotted = {c for c in map(str, columns) if "." in c and f"`{c}`" in quoted}
     # formulaic reports `my.x` as 'my' (attribute access): put the real column (or the name as typed) back
     out = set(dotted)
@@ -203,6 +203,46 @@ def eval_numeric(expr: str, frame: pd.DataFrame) -> np.ndarray:
     return np.asarray(mm, dtype=float)[:, 0]
 
 
+def _is_numeric(col: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(col.dtype) and not isinstance(col.dtype, pd.CategoricalDtype)
+
+
+def _as_vector(arg: Any, data: pd.DataFrame, what: str) -> np.ndarray:
+    """Weights or offset given as values: one number per row of ``data``.
+
+    A pandas Series is aligned to ``data`` by index (as pandas aligns); a Series
+    whose index is not that of ``data`` is refused rather than read by position.
+    """
+    if isinstance(arg, pd.DataFrame):
+        if arg.shape[1] != 1:
+            raise DataError(f"{what} must be one value per row; got a DataFrame of shape {arg.shape}")
+        arg = arg.iloc[:, 0]
+    if isinstance(arg, pd.Series):
+        if not _is_numeric(arg) and not pd.api.types.is_bool_dtype(arg.dtype):
+            raise DataError(f"{what} {arg.name!r} is not numeric (dtype {arg.dtype}); {what} must be numbers, "
+                            "not category labels")
+        if not arg.index.equals(data.index):
+            if arg.index.has_duplicates or len(arg) != len(data) or not arg.index.isin(data.index).all():
+                missing = int((~data.index.isin(arg.index)).sum())
+                raise DataError(
+                    f"the {what} Series' index does not match the data's index ({missing} of {len(data)} data "
+                    f"rows have no {what} value): pass {what}=values.to_numpy() to use them by position, or "
+                    f"{what}=values.reindex(data.index)")
+            arg = arg.reindex(data.index)
+        values = arg.to_numpy(dtype=float, na_value=np.nan)
+    else:
+        raw = np.asarray(arg)
+        if raw.dtype.kind not in "biuf":
+            raise DataError(f"{what} must be numbers; got values of dtype {raw.dtype} (e.g. {raw.ravel()[:3].tolist()})")
+        values = raw.astype(float)
+    if values.ndim != 1:
+        raise DataError(f"{what} must be one-dimensional, one value per row of the data; got shape {values.shape} "
+                        f"(use .ravel() for a column vector)")
+    if values.shape[0] != len(data):
+        raise DataError(f"{what} has {values.shape[0]} values, but the data have {len(data)} rows")
+    return values
+
+
 def _as_factor(col: pd.Series) -> pd.Categorical:
     """A grouping variable as a categorical with unused levels dropped.
 
@@ -265,6 +305,25 @@ class Model:
         Added to the linear predictor (column name or values), on top of any
         ``offset()`` terms in the formula.
 
+    Notes
+    -----
+    **Missing and non-finite values — one rule.** A row is dropped, with one
+    :class:`~stochmm.errors.MissingDataWarning` that counts the rows and names each
+    column with its count, when any variable of the model is NA/NaN, ``inf`` or
+    ``-inf`` there: the response, predictors, grouping factors, weights, offset,
+    and transformations of any of them that are not finite there (``log(0)``). ``n_dropped_na`` counts them; ``row_index`` maps the kept rows
+    back to the data.
+
+    **Numeric roles take numbers.** Weights and offsets given as a column must be
+    numeric (a categorical/string column is refused, naming it); given as a
+    pandas Series they are aligned to ``data`` by index (a Series whose index is
+    not the data's is refused, never read by position); given as values they must
+    be one-dimensional with one value per row. Date/time columns are refused with
+    a suggested numeric conversion. Duplicate column names used by the model are
+    refused, naming the column. A fixed-effects factor with one level in the data,
+    like a constant numeric column, is dropped with a
+    :class:`~stochmm.errors.RankDeficiencyWarning`.
+
     Attributes
     ----------
     X : numpy.ndarray
@@ -322,6 +381,8 @@ class Model:
                 f"no random-effects terms in formula {self.formula!r}: a mixed model needs at least one "
                 f"'(expr | group)' term; for a fixed-effects-only model use {alt}"
             )
+        #: how an ``offset=`` argument was given (a column name, "values" or None), for predict
+        self.offset_arg = offset if isinstance(offset, str) else (None if offset is None else "values")
         frame, row_index = self._model_frame(data, weights, offset)
         frame, row_index = self._drop_nonfinite_transforms(frame, row_index)
         self.frame = frame
@@ -362,6 +423,7 @@ class Model:
         return list(where), where
 
     def _model_frame(self, data, weights, offset) -> tuple[pd.DataFrame, np.ndarray]:
+        dup = data.columns[data.columns.duplicated()]
         names, where = self._variables(data.columns)
         extra = [a for a in (weights, offset) if isinstance(a, str)]
         for nm in names + extra:
@@ -369,22 +431,47 @@ class Model:
                 what = where.get(nm, "weights/offset column")
                 raise MissingColumnError(nm, data.columns, what=f"{what} variable" if nm in where else what)
         cols = list(dict.fromkeys(names + extra))
+        clash = [c for c in cols if c in set(dup)]
+        if clash:
+            raise DataError(f"the data have more than one column named {clash[0]!r}; rename the duplicates "
+                            f"(e.g. data.loc[:, ~data.columns.duplicated()])")
         frame = data.loc[:, cols].copy()
-        mask = frame.isna().any(axis=1).to_numpy().copy()
-        for arg in (weights, offset):
+        for c in cols:
+            col = frame[c]
+            if pd.api.types.is_datetime64_any_dtype(col.dtype) or pd.api.types.is_timedelta64_dtype(col.dtype):
+                raise DataError(f"column {c!r} ({where.get(c, 'weights/offset')}) holds dates/times "
+                                f"({col.dtype}); convert it to a number first, e.g. "
+                                f"data[{c!r}] = (data[{c!r}] - data[{c!r}].min()).dt.days")
+        for arg, what in ((weights, "weights"), (offset, "offset")):
+            if isinstance(arg, str) and not _is_numeric(frame[arg]):
+                raise DataError(f"{what} column {arg!r} is not numeric (dtype {frame[arg].dtype}); {what} must be "
+                                "numbers, not category labels")
+        # the one rule for missing and non-finite values: NA, NaN, inf and -inf in any variable of the
+        # model (response, predictors, grouping factors, weights, offset) drop the row, with a warning
+        # that counts the rows and names the columns
+        na = frame.isna().to_numpy()
+        inf = np.zeros_like(na)
+        for j, c in enumerate(cols):
+            if _is_numeric(frame[c]) and not pd.api.types.is_bool_dtype(frame[c].dtype):
+                inf[:, j] = np.isinf(frame[c].to_numpy(dtype=float, na_value=np.nan))
+        mask = (na | inf).any(axis=1)
+        counts = [(c, int(na[:, j].sum()), int(inf[:, j].sum())) for j, c in enumerate(cols)]
+        self._vectors: dict[str, np.ndarray] = {}
+        for arg, what in ((weights, "weights"), (offset, "offset")):
             if arg is not None and not isinstance(arg, str):
-                arr = np.asarray(arg, dtype=float)
-                if arr.shape != (len(data),):
-                    raise DataError(f"weights/offset has length {arr.size}, data has {len(data)} rows")
-                mask |= np.isnan(arr)
+                arr = _as_vector(arg, data, what)
+                self._vectors[what] = arr
+                counts.append((what, int(np.isnan(arr).sum()), int(np.isinf(arr).sum())))
+                mask |= ~np.isfinite(arr)
         row_index = np.flatnonzero(~mask)
         n_na = int(mask.sum())
         self.n_dropped_na = n_na
         if n_na:
-            by_col = frame.isna().sum()
-            detail = ", ".join(f"{c}: {k}" for c, k in by_col.items() if k)
+            detail = ", ".join(f"{c}: {a}" if not b else f"{c}: {b} infinite" if not a else f"{c}: {a} NA + {b} infinite"
+                               for c, a, b in counts if a or b)
+            kind = "missing values" if not any(b for _, _, b in counts) else "missing or non-finite values"
             warnings.warn(
-                f"{n_na} of {len(data)} rows dropped because of missing values ({detail or 'weights/offset'})",
+                f"{n_na} of {len(data)} rows dropped because of {kind} ({detail})",
                 MissingDataWarning,
                 stacklevel=3,
             )
@@ -405,7 +492,9 @@ class Model:
         resp = self.parsed.response
         exprs = list(_split_args(resp[len("cbind(") : -1])) if resp.startswith("cbind(") and resp.endswith(")") else [resp]
         exprs = [e for e in exprs if not _is_name(e, frame.columns)] + list(self.parsed.offsets)
-        if not exprs:
+        # transformed predictors (log(Days), I(1/x)): the fixed part and random-effects terms with a call
+        parts = [p for p in dict.fromkeys([self.parsed.fixed, *(b.lhs for b in self.parsed.bars)]) if "(" in p]
+        if not exprs and not parts:
             return frame, row_index
         bad = np.zeros(len(frame), dtype=bool)
         culprits = []
@@ -416,6 +505,21 @@ class Model:
             if nf.any():
                 culprits.append(f"{e}: {int(nf.sum())}")
                 bad |= nf
+        for part in parts:
+            try:
+                with np.errstate(all="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    mm = formulaic.model_matrix(_quote_dotted(_poly_ordered(_r_power(part), frame), frame.columns),
+                                                _r_logicals(frame), na_action="ignore")
+            except Exception:  # reported with its message when the matrix is built
+                continue
+            vals = np.asarray(mm, dtype=float)
+            nf = ~np.isfinite(vals)
+            for j in np.flatnonzero(nf.any(axis=0)):
+                name = r_column_name(str(mm.columns[j]))
+                if not any(c.startswith(f"{name}: ") for c in culprits):
+                    culprits.append(f"{name}: {int(nf[:, j].sum())}")
+            bad |= nf.any(axis=1)
         if not bad.any():
             return frame, row_index
         keep = np.flatnonzero(~bad)
@@ -515,7 +619,7 @@ class Model:
             return None
         if isinstance(arg, str):
             return frame[arg].to_numpy(dtype=float)
-        return np.asarray(arg, dtype=float)[self.row_index]
+        return self._vectors[what][self.row_index]
 
     # ----------------------------------------------------------------------------- fixed part
     def _build_fixed(self, frame: pd.DataFrame) -> None:
@@ -523,16 +627,25 @@ class Model:
             mm = formulaic.model_matrix(_quote_dotted(_poly_ordered(_r_power(self.parsed.fixed), frame), frame.columns),
                                         _r_logicals(frame), na_action="ignore")
         except Exception as exc:
-            raise FormulaError(f"cannot build the fixed-effects model matrix: {exc}", self.formula) from None
+            raise FormulaError(f"cannot build the fixed-effects model matrix: {clean_message(exc)}", self.formula) from None
         self._fixed_spec = mm.model_spec
         names = [r_column_name(c) for c in mm.columns]
         X = np.asarray(mm, dtype=float)
         keep = _independent_columns(X)
         self.dropped_columns = [nm for nm, k in zip(names, keep) if not k]
+        # a factor with one level in the data encodes to no column at all: reported as a dropped
+        # column, as a constant numeric column is
+        empty = [str(t) for t, idx in mm.model_spec.term_indices.items() if len(idx) == 0 and str(t) != "1"]
+        shown = list(self.dropped_columns)
+        for t in empty:
+            lev = [f"{v}={frame[v].dropna().unique()[:1].tolist()[0]!r}" for v in split_colon(t)
+                   if v in frame.columns and frame[v].nunique(dropna=True) == 1]
+            self.dropped_columns.append(t)
+            shown.append(f"{t} (a factor with a single level in the data: {', '.join(lev) or 'one level'})")
         if self.dropped_columns:
             warnings.warn(
                 f"fixed-effect model matrix is rank deficient so dropping {len(self.dropped_columns)} "
-                f"column(s): {', '.join(self.dropped_columns)}",
+                f"column(s): {', '.join(shown)}",
                 RankDeficiencyWarning,
                 stacklevel=3,
             )
@@ -582,7 +695,7 @@ class Model:
                     mm = formulaic.model_matrix(_quote_dotted(_poly_ordered(_r_power(bar.lhs), frame), frame.columns),
                                                 _r_logicals(frame), na_action="ignore")
                 except Exception as exc:
-                    raise FormulaError(f"cannot build the model matrix of {bar.text}: {exc}", self.formula) from None
+                    raise FormulaError(f"cannot build the model matrix of {bar.text}: {clean_message(exc)}", self.formula) from None
                 cnames = [r_column_name(c) for c in mm.columns]
                 z, spec = np.ascontiguousarray(np.asarray(mm, dtype=float)), mm.model_spec
             if z.shape[1] == 0:
@@ -636,26 +749,32 @@ class Model:
 
     @property
     def p(self) -> int:
+        """Number of fixed effects (columns of X)."""
         return self.X.shape[1]
 
     @property
     def q(self) -> int:
+        """Number of random effects (columns of Z)."""
         return self.Z.shape[1]
 
     @property
     def theta0(self) -> np.ndarray:
+        """lme4's θ start: 1 on the diagonal of each term's factor, 0 off it."""
         return np.concatenate([t.theta_start for t in self.terms])
 
     @property
     def lower(self) -> np.ndarray:
+        """Lower bounds of θ: 0 on the diagonal, −inf off it."""
         return np.concatenate([t.theta_lower for t in self.terms])
 
     @property
     def theta_names(self) -> list[str]:
+        """lme4's names of the θ components (``Subject.(Intercept)``, ``Subject.Days.(Intercept)``)."""
         return [nm for t in self.terms for nm in t.theta_names]
 
     @property
     def ngroups(self) -> dict[str, int]:
+        """Number of levels of each grouping factor."""
         out: dict[str, int] = {}
         for t in self.terms:
             out.setdefault(t.group, t.nlev)
@@ -792,18 +911,98 @@ class Model:
     # ----------------------------------------------------------------------------- stochastic paths (stochmm.api)
 
     # ----------------------------------------------------------------------------- new data
-    def new_design(self, newdata: pd.DataFrame) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
-        """new_design(newdata) -> (X, [(refs, z), ...])
+    def re_terms(self, re_form: Any = "full") -> list[int]:
+        """re_terms(re_form="full") -> list of int
+
+        Indices (into ``terms``) of the random-effects terms an lme4-style ``re_form``
+        keeps: ``"full"`` all of them; ``None``, ``"NA"``, NaN or ``"~0"`` none
+        (population level); a formula of bar terms, e.g. ``"~(1 | herd)"``, the
+        terms it names, each of which must be a term of the model. Anything else
+        is refused.
+
+        Examples
+        --------
+        >>> import stochmm as sm
+        >>> m = sm.Model("diameter ~ 1 + (1 | plate) + (1 | sample)", sm.datasets.load("penicillin"))
+        >>> m.re_terms("~(1 | sample)"), m.re_terms(None), m.re_terms("full")
+        ([1], [], [0, 1])
+        """
+        every = list(range(len(self.terms)))
+        if re_form is None or (isinstance(re_form, float) and np.isnan(re_form)) or re_form is pd.NA:
+            return []
+        forms = ("'full' (every term; the default), None / 'NA' / '~0' (none: population level), or a formula "
+                 "of some of the model's random-effects terms such as "
+                 + repr("~" + " + ".join(dict.fromkeys(t.text or f"({t.lhs} | {t.group})" for t in self.terms))))
+        if not isinstance(re_form, str):
+            raise DataError(f"re_form must be {forms}; got {re_form!r}")
+        text = re_form.strip()
+        if text in ("full", "~."):
+            return every
+        if text in ("NA", "~0", "~ 0", "~-1", "~ -1"):
+            return []
+        if not text.startswith("~"):
+            raise DataError(f"re_form must be {forms}; got {re_form!r}")
+        try:
+            pf = parse_formula("y " + text)
+        except FormulaError as exc:
+            raise DataError(f"re_form {re_form!r} is not a formula of random-effects terms ({exc.args[0]}); "
+                            f"use {forms}") from None
+        if pf.fixed.replace(" ", "") not in ("1", "0", "-1", "1-1") or pf.offsets:
+            raise DataError(f"re_form {re_form!r} names fixed-effects terms; it selects random-effects terms "
+                            f"only: {forms}")
+        if not pf.bars:
+            return []
+
+        def key(lhs: str, group: str) -> tuple[frozenset, tuple[str, ...]]:
+            try:  # the term's effects, so that (Days | g) and (1 + Days | g) are one term, as in lme4
+                effects = frozenset(str(t) for t in formulaic.Formula(lhs))
+            except Exception:
+                effects = frozenset([lhs.replace(" ", "")])
+            return effects, tuple(g.strip("`") for g in group.replace(" ", "").split(":"))
+
+        have = {key(t.lhs, t.group): i for i, t in enumerate(self.terms)}
+        keep = set()
+        for b in pf.bars:
+            k = key(b.lhs, b.group)
+            if k not in have:
+                raise DataError(f"re_form term {b.text!r} is not a random-effects term of the model; the model's "
+                                f"terms: {', '.join(dict.fromkeys(t.text for t in self.terms))}")
+            keep.add(have[k])
+        return sorted(keep)
+
+    def new_design(self, newdata: pd.DataFrame, terms: Sequence[int] | None = None
+                   ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray] | None]]:
+        """new_design(newdata, terms=None) -> (X, [(refs, z) or None, ...])
 
         Fixed-effects matrix and each term's (level index, model matrix) for new
-        data, encoded exactly as the fitted data were. Levels not seen in the fit
-        get index -1 (their random effects are zero).
+        data, encoded exactly as the fitted data were. Only the random-effects
+        terms listed in ``terms`` (indices into ``terms``; default all) are built,
+        and only their columns are needed in ``newdata``; the others are None.
+        Levels of a grouping factor not seen in the fit get index -1 (their random
+        effects are zero). Rows with a level of a fixed-effects factor not seen in
+        the fit have NaN in X, with a warning counting them and naming the column
+        and levels.
         """
+        if not isinstance(newdata, pd.DataFrame):
+            raise DataError(f"newdata must be a pandas DataFrame with the model's columns, got {type(newdata).__name__}")
+        use = list(range(len(self.terms))) if terms is None else list(terms)
+        self._check_new_columns(newdata, use)
         newdata = _r_logicals(newdata)
-        mm = self._fixed_spec.get_model_matrix(newdata, na_action="ignore")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*categories outside of the nominated levels.*")
+            warnings.filterwarnings("ignore", message=".*not in that dtype's categories.*")
+            try:
+                mm = self._fixed_spec.get_model_matrix(newdata, na_action="ignore")
+            except Exception as exc:
+                raise DataError(f"cannot encode newdata for the fixed effects: {clean_message(exc)}") from None
         X = np.asarray(mm, dtype=float)[:, self._fixed_keep]
-        out = []
-        for t, spec, bar, (cats, used) in zip(self.terms, self._term_specs, self._term_bars, self._group_encoding):
+        self._unseen_fixed_levels(newdata, X)
+        out: list[tuple[np.ndarray, np.ndarray] | None] = []
+        for i, (t, spec, bar, (cats, used)) in enumerate(zip(self.terms, self._term_specs, self._term_bars,
+                                                             self._group_encoding)):
+            if i not in use:
+                out.append(None)
+                continue
             if spec is None:
                 z = np.ones((len(newdata), 1))
             else:
@@ -822,6 +1021,64 @@ class Model:
                               "effects are set to 0 (population-level predictions)", UserWarning, stacklevel=3)
             out.append((refs, z))
         return X, out
+
+    def _check_new_columns(self, newdata: pd.DataFrame, use: list[int]) -> None:
+        """Every column the prediction needs is in newdata; a missing one is named, with where it is used."""
+        cols = newdata.columns
+        pf = self.parsed
+        need: dict[str, str] = {}
+        for v in _required(pf.fixed, pf.text, cols):
+            need.setdefault(v, "fixed-effects variable")
+        for off in pf.offsets:
+            for v in _required(f"0 + I({off})", pf.text, cols):
+                need.setdefault(v, f"offset variable of offset({off})")
+        for i in use:
+            bar = self._term_bars[i]
+            if bar.lhs.strip() != "1":
+                for v in _required(bar.lhs, pf.text, cols):
+                    need.setdefault(v, f"variable of random-effects term {bar.text}")
+            for v in bar.group_vars:
+                need.setdefault(v, f"grouping factor of {bar.text}")
+        for v, what in need.items():
+            if v not in cols:
+                kind, _, where = what.partition(" of ")
+                note = f" predict needs it for {where or 'the fixed effects'}" + (
+                    "; population-level predictions (re_form=None) need no grouping or random-effects columns."
+                    if where and not kind.startswith("offset") else ".")
+                raise MissingColumnError(v, cols, what=kind, note=note)
+
+    def _unseen_fixed_levels(self, newdata: pd.DataFrame, X: np.ndarray) -> None:
+        """Rows whose fixed-effects factor has a level the fit did not see: NaN, with a counted warning
+        (formulaic would encode them as the reference level)."""
+        bad = np.zeros(len(newdata), dtype=bool)
+        found = []
+        for var, (kind, state) in self._fixed_spec.encoder_state.items():
+            if str(getattr(kind, "value", kind)) != "categorical":
+                continue
+            name = var.strip("`")
+            cats = pd.Index(state.get("categories", []))
+            if name in newdata.columns:
+                col = newdata[name]
+                k = _codes_in(cats, col)
+                unseen = (k < 0) & col.notna().to_numpy()
+                if unseen.any():
+                    bad |= unseen
+                    levels = pd.unique(col[unseen].astype(str))[:5].tolist()
+                    found.append(f"{name}: {int(unseen.sum())} row(s) with level(s) {levels}")
+            else:  # an expression such as C(x > 1): ask formulaic for its values
+                try:
+                    vals = formulaic.model_matrix(f"0 + {var}", newdata, na_action="ignore")
+                except Exception:
+                    continue
+                zero = np.asarray(vals, dtype=float).sum(axis=1) == 0
+                if zero.any():
+                    bad |= zero
+                    found.append(f"{var}: {int(zero.sum())} row(s) with a level not seen in the fit")
+        if found:
+            X[bad] = np.nan
+            warnings.warn(f"{int(bad.sum())} of {len(newdata)} rows of newdata have a level of a fixed-effects factor "
+                          f"not seen in the fit ({'; '.join(found)}): their predictions are NaN",
+                          UserWarning, stacklevel=4)
 
     def __repr__(self) -> str:
         terms = ", ".join(f"{t.text or t.lhs} [{t.group}: {t.nlev}x{t.k}]" for t in self.terms)

@@ -76,10 +76,12 @@ class ReTerm:
 
     @property
     def is_scalar(self) -> bool:
+        """One random effect per level (k = 1)."""
         return self.k == 1
 
     @property
     def ntheta(self) -> int:
+        """Number of θ components of the term, k(k+1)/2."""
         return self.k * (self.k + 1) // 2
 
     # -- θ -----------------------------------------------------------------------------------
@@ -94,10 +96,12 @@ class ReTerm:
 
     @property
     def theta_start(self) -> np.ndarray:
+        """lme4's start for the term's θ: 1 on the diagonal, 0 off it."""
         return (self._rows == self._cols).astype(float)
 
     @property
     def theta_lower(self) -> np.ndarray:
+        """Lower bounds of the term's θ: 0 on the diagonal, −inf off it."""
         return np.where(self._rows == self._cols, 0.0, -np.inf)
 
     @property

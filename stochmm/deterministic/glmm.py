@@ -47,11 +47,11 @@ import scipy.optimize as so
 
 from ..builder.families import Family, FamilyError, get_family
 from ..builder.model import Model
-from ..errors import ConvergenceWarning, SingularFitWarning
+from ..errors import ConvergenceWarning, OptionError, SingularFitWarning, check_choice, check_flag, check_keywords
 from ..results import MixedModelResults, Summary, format_coef_table
 from .optsummary import OptSummary, check_convergence, minimize_bounded
 from .pirls import BlockedEngine, LevelEngine, blas_threads, make_engine, single_factor
-from .quadrature import QuadratureError, QuadratureRule, agq, make_rule
+from .quadrature import MAX_NAGQ, QuadratureError, QuadratureRule, agq, make_rule
 
 __all__ = ["GlmmResults", "fit_glmm", "glmer", "glmm_engine", "BlockedEngine", "LevelEngine", "QuadratureError"]
 
@@ -100,6 +100,7 @@ class GlmmResults(MixedModelResults):
 
     @property
     def family_label(self) -> str:  # type: ignore[override]
+        """The family and link as lme4 prints them, e.g. ``binomial  ( logit )``."""
         return self.family.label
 
     def _linkinv(self, eta: np.ndarray) -> np.ndarray:
@@ -120,6 +121,7 @@ class GlmmResults(MixedModelResults):
 
     @property
     def method_title(self) -> str:
+        """The approximation as lme4's summary names it (Laplace, adaptive Gauss-Hermite quadrature)."""
         if self.nagq == 1:
             return "Laplace Approximation"
         return f"Adaptive Gauss-Hermite Quadrature, nAGQ = {self.nagq}"
@@ -212,6 +214,15 @@ def _signif_stars(p: np.ndarray) -> list[str]:
 # fitting
 # =============================================================================================
 def _resolve_method(method: str | None, nagq: int | None) -> int:
+    if nagq is not None and (isinstance(nagq, (bool, np.bool_)) or not isinstance(nagq, (int, np.integer, float))
+                             or not np.isfinite(nagq)):
+        raise OptionError(f"nagq must be a non-negative whole number, got {nagq!r}")
+    if nagq is not None and nagq > MAX_NAGQ:
+        raise QuadratureError(f"nagq={nagq} is above the ceiling of {MAX_NAGQ} nodes per dimension (lme4's "
+                              f"too): {MAX_NAGQ} Gauss–Hermite nodes already integrate polynomials of degree "
+                              f"{2 * MAX_NAGQ - 1} exactly")
+    if method is not None and not isinstance(method, str):
+        raise OptionError(f"method must be 'laplace', 'agq' or 'fast', got {method!r}")
     if method is None:
         method = "laplace" if nagq is None else ("fast" if nagq == 0 else "laplace" if nagq == 1 else "agq")
     key = str(method).lower()
@@ -264,7 +275,8 @@ def fit_glmm(model: Model, method: str | None = "laplace", *, nagq: int | None =
              start: dict | np.ndarray | None = None, optimizer: str = "newton", hessian: str = "observed",
              rule: str = "tensor", max_nodes: int = 10_000, check_derivatives: bool | None = None,
              condvar: bool = True, engine: str = "auto", tol: float = 1e-5, maxiter: int = 500,
-             fd: str = "forward", threads: int | str | None = "auto", keep_log: bool = False) -> GlmmResults:
+             fd: str = "forward", threads: int | str | None = "auto", keep_log: bool = False,
+             **aliases: Any) -> GlmmResults:
     """fit_glmm(model, method="laplace", *, nagq=None, link=None, start=None, optimizer="newton", ...) -> GlmmResults
 
     Fit a GLMM built by :class:`~stochmm.builder.model.Model` by maximum likelihood.
@@ -312,6 +324,9 @@ def fit_glmm(model: Model, method: str | None = "laplace", *, nagq: int | None =
         blocks are small (thread hand-off dominates there), None leaves the setting alone.
     keep_log : bool
         Keep every objective evaluation in ``optsum.fitlog``.
+    **aliases
+        ``nAGQ=`` (lme4's spelling) for ``nagq``. Any other name is refused
+        (:class:`~stochmm.errors.OptionError`, listing the valid ones).
 
     Returns
     -------
@@ -320,7 +335,10 @@ def fit_glmm(model: Model, method: str | None = "laplace", *, nagq: int | None =
     Raises
     ------
     QuadratureError
-        nAGQ > 1 with crossed or several grouping factors, or too many nodes.
+        nAGQ > 1 with crossed or several grouping factors, too many nodes, or
+        nagq above :data:`~stochmm.deterministic.quadrature.MAX_NAGQ` (25, lme4's ceiling).
+    OptionError
+        Unknown keywords, flags that are not True/False, choices not in the list.
 
     Examples
     --------
@@ -332,6 +350,24 @@ def fit_glmm(model: Model, method: str | None = "laplace", *, nagq: int | None =
     (180.489, 89.316)
     """
     t_start = time.perf_counter()
+    if not isinstance(model, Model):
+        raise TypeError(f"fit_glmm needs a stochmm Model, got {type(model).__name__}")
+    nagq = _glmm_keywords(aliases, "fit_glmm", nagq)
+    check_flag(check_derivatives, "check_derivatives", allow_none=True)
+    check_flag(condvar, "condvar")
+    check_flag(keep_log, "keep_log")
+    for name, value, choices in (("optimizer", optimizer, ("newton", "lbfgs", "bobyqa")),
+                                 ("hessian", hessian, ("observed", "expected")), ("rule", rule, ("tensor", "sparse")),
+                                 ("engine", engine, ("auto", "blocked", "level")), ("fd", fd, ("forward", "central"))):
+        check_choice(value, name, choices)
+    for name, value in (("max_nodes", max_nodes), ("maxiter", maxiter)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise OptionError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(tol, (bool, np.bool_)) or not isinstance(tol, (int, float, np.floating)) or not tol > 0:
+        raise OptionError(f"tol must be a positive number, got {tol!r}")
+    if not (threads is None or threads == "auto" or (isinstance(threads, (int, np.integer))
+                                                      and not isinstance(threads, bool) and threads >= 1)):
+        raise OptionError(f"threads must be a positive integer, 'auto' or None, got {threads!r}")
     nq = _resolve_method(method, nagq)
     if threads == "auto":
         dense = model.q - model.terms[0].q + model.p + 1 if len(model.terms) > 1 else model.p + 1
@@ -824,9 +860,30 @@ def _minimize_theta(fg, theta0: np.ndarray, lower: np.ndarray, names: list[str],
                       fitlog=log)
 
 
-def glmer(formula: str, data: pd.DataFrame, family: Any = "binomial", link: str | None = None, nagq: int = 1, *,
-          weights: Any = None, offset: Any = None, **options: Any) -> GlmmResults:
-    """glmer(formula, data, family="binomial", link=None, nagq=1, *, weights=None, offset=None, **options) -> GlmmResults
+_GLMM_HINTS = {
+    "reml": "REML is for linear mixed models (lmer); GLMMs are fitted by maximum likelihood",
+    "REML": "REML is for linear mixed models (lmer); GLMMs are fitted by maximum likelihood",
+}
+
+
+def _glmm_keywords(options: dict[str, Any], func: str, nagq: Any, valid: tuple[str, ...] = ()) -> Any:
+    """``nAGQ`` (lme4's spelling) -> nagq; other unknown keywords refused with the valid names."""
+    options = dict(options)
+    if "nAGQ" in options:
+        val = options.pop("nAGQ")
+        if nagq is not None and nagq != val:
+            raise OptionError(f"{func}() got both nagq={nagq!r} and nAGQ={val!r}; give one")
+        nagq = val
+    import inspect
+
+    known = [k for k in inspect.signature(fit_glmm).parameters if k not in ("model", "aliases")]
+    check_keywords(options, [*known, *valid], func, _GLMM_HINTS)
+    return nagq
+
+
+def glmer(formula: str, data: pd.DataFrame, family: Any = "binomial", link: str | None = None,
+          nagq: int | None = None, *, weights: Any = None, offset: Any = None, **options: Any) -> GlmmResults:
+    """glmer(formula, data, family="binomial", link=None, nagq=None, *, weights=None, offset=None, **options) -> GlmmResults
 
     Fit a generalized linear mixed model by maximum likelihood, as lme4's ``glmer``.
 
@@ -841,15 +898,17 @@ def glmer(formula: str, data: pd.DataFrame, family: Any = "binomial", link: str 
         ``"binomial"`` (default) or ``"poisson"``, or a :class:`~stochmm.builder.families.Family`.
     link : str, optional
         ``"logit"`` (default), ``"probit"``, ``"cloglog"`` for binomial; ``"log"`` for Poisson.
-    nagq : int
-        0: nAGQ = 0 (fast); 1: Laplace; > 1: adaptive Gauss–Hermite quadrature with
-        ``nagq`` nodes per random effect (single grouping factor; vector-valued
-        random effects allowed).
+    nagq : int, optional
+        0: nAGQ = 0 (fast); 1: Laplace (the default); 2 … 25: adaptive Gauss–Hermite
+        quadrature with ``nagq`` nodes per random effect (single grouping factor;
+        vector-valued random effects allowed). ``nAGQ=`` is accepted for it.
     weights, offset : str or array-like, optional
         Prior weights (binomial proportions: number of trials) and an offset.
     **options
-        Passed to :func:`fit_glmm` (``optimizer``, ``hessian``, ``rule``, ``max_nodes``,
-        ``start``, ``check_derivatives``, ...).
+        Passed to :func:`fit_glmm`: ``method`` (``"laplace"``, ``"agq"``, ``"fast"``;
+        with ``nagq`` when ``"agq"``), ``optimizer``, ``hessian``, ``rule``, ``max_nodes``,
+        ``start``, ``check_derivatives``, ... Unknown names are refused with the list
+        of valid ones.
 
     Returns
     -------
@@ -865,7 +924,10 @@ def glmer(formula: str, data: pd.DataFrame, family: Any = "binomial", link: str 
     >>> round(sm.glmer("cbind(incidence, size - incidence) ~ period + (1 | herd)", cbpp, nagq=25).lme4_objective, 3)
     100.01
     """
+    nagq = _glmm_keywords(options, "glmer", nagq)
+    method = options.pop("method", None)
+    _resolve_method(method, nagq)  # bad method/nagq refused before the model is built
     fam = get_family(family, link)
     model = Model(formula, data, family=fam, weights=weights, offset=offset)
-    return fit_glmm(model, method=None, nagq=nagq, **options)
+    return fit_glmm(model, method=method, nagq=nagq, **options)
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..builder.model import Model
-from ..errors import DesignError, SingularFitWarning
+from ..errors import DataError, DesignError, OptionError, SingularFitWarning, check_flag, check_keywords
 from ..results import MixedModelResults, Summary, format_coef_table
 from .blocks import BlockedSystem
 from .optsummary import OptSummary, check_convergence, minimize_bounded
@@ -89,6 +89,7 @@ class LmmResults(MixedModelResults):
 
     @property
     def scaled_residuals(self) -> np.ndarray:
+        """Residuals scaled by σ/√w (lme4's ``residuals(fit, scaled = TRUE)``)."""
         return self.residuals * np.sqrt(self.model.prior_weights) / self.sigma
 
     def summary(self) -> Summary:
@@ -117,6 +118,38 @@ class LmmResults(MixedModelResults):
         return Summary("\n".join(head), {"coefficients": self.coef_table(), "varcorr": self.varcorr})
 
 
+#: optimizer options fit_lmm passes to BOBYQA (stochmm.deterministic.optsummary.minimize_bounded)
+_OPTIMIZER_OPTIONS = ("ftol_rel", "ftol_abs", "xtol_abs", "maxeval", "initial_step")
+_LMM_KEYWORDS = ("reml", "start", "check_derivatives", "condvar", "keep_log", *_OPTIMIZER_OPTIONS)
+#: what lme4 users type, and where it goes here
+_LMM_HINTS = {
+    "family": "a GLMM is fitted by glmer() (sm.glmer(formula, data, family=...)); lmer() fits linear mixed models",
+    "nagq": "nAGQ is for GLMMs: use glmer()",
+    "nAGQ": "nAGQ is for GLMMs: use glmer()",
+    "method": "lmer() takes reml=True/False (Model.fit takes method='REML' or 'ML')",
+}
+
+
+def _lmm_keywords(options: dict[str, Any], func: str, reml: Any = True) -> tuple[bool, dict[str, Any]]:
+    """Entry-point check of fit_lmm's keywords -> (reml, other options).
+
+    ``REML`` is lme4's spelling of ``reml`` (given with a different ``reml=False`` it is
+    refused); flags must be True/False; anything else unknown is refused with the valid
+    names, never passed down to the optimizer.
+    """
+    options = dict(options)
+    if "REML" in options:
+        val = options.pop("REML")
+        if reml is not True and val is not reml:
+            raise OptionError(f"{func}() got both reml={reml!r} and REML={val!r}; give one")
+        reml = val
+    check_keywords(options, _LMM_KEYWORDS[1:] + ("weights", "offset") * (func == "lmer"), func, _LMM_HINTS)
+    for flag in ("check_derivatives", "condvar", "keep_log"):
+        if flag in options:
+            check_flag(options[flag], flag)
+    return check_flag(reml, "reml"), options
+
+
 def fit_lmm(model: Model, reml: bool = True, *, start: np.ndarray | None = None, check_derivatives: bool = True,
             condvar: bool = True, keep_log: bool = False, **optimizer_options: Any) -> LmmResults:
     """fit_lmm(model, reml=True, start=None, ...) -> LmmResults
@@ -143,19 +176,32 @@ def fit_lmm(model: Model, reml: bool = True, *, start: np.ndarray | None = None,
         Make conditional variances of the random effects available
         (computed on first use of ``ranef_condvar``).
     **optimizer_options
-        ``ftol_rel``, ``ftol_abs``, ``xtol_abs``, ``maxeval``, ``initial_step``.
+        ``ftol_rel``, ``ftol_abs``, ``xtol_abs``, ``maxeval``, ``initial_step``;
+        ``REML=`` (lme4's spelling) is taken for ``reml``. Other names are refused
+        (:class:`~stochmm.errors.OptionError`, listing the valid ones).
     """
     t_start = time.perf_counter()
+    if not isinstance(model, Model):
+        raise TypeError(f"fit_lmm needs a stochmm Model, got {type(model).__name__}")
+    reml, optimizer_options = _lmm_keywords(optimizer_options, "fit_lmm", reml)
+    check_derivatives, condvar = check_flag(check_derivatives, "check_derivatives"), check_flag(condvar, "condvar")
+    keep_log = check_flag(keep_log, "keep_log")
     dev = ProfiledDeviance(model, reml=reml)
+    _check_response_varies(model, dev.system.y_residual_rms)
     if start is None:
         start = "moments" if moment_start_applies(model) else "lme4"
     if isinstance(start, str):
         if start not in ("moments", "lme4"):
             raise ValueError(f"start must be θ values, 'moments' or 'lme4', not {start!r}")
         if start == "moments":
-            # close to the optimum already: a small first trust region (measured: fewer evaluations)
-            optimizer_options.setdefault("initial_step", np.full(model.theta0.size, 0.1))
-            start = moment_start(model)
+            try:
+                moments = moment_start(model)
+            except (DesignError, DataError, ValueError, np.linalg.LinAlgError, ZeroDivisionError):
+                moments = None  # a start-value failure never aborts a fit: lme4's start instead
+            if moments is not None and np.all(np.isfinite(moments)):
+                # close to the optimum already: a small first trust region (measured: fewer evaluations)
+                optimizer_options.setdefault("initial_step", np.full(model.theta0.size, 0.1))
+            start = moments
         else:
             start = None
     x0 = model.theta0 if start is None else np.asarray(start, dtype=float)
@@ -193,6 +239,17 @@ def fit_lmm(model: Model, reml: bool = True, *, start: np.ndarray | None = None,
         warnings.warn(msg, SingularFitWarning, stacklevel=3)
     res.elapsed = time.perf_counter() - t_start
     return res
+
+
+def _check_response_varies(model: Model, residual_rms: float) -> None:
+    """A response with no variation about its least-squares fit on X leaves nothing for the
+    variance components: say so instead of letting the factorization fail."""
+    y = model.y - model.offset
+    scale = float(np.max(np.abs(y))) if y.size else 0.0
+    if not residual_rms > 1e-12 * scale:
+        what = "is constant" if np.ptp(y) == 0 else "is fitted exactly by the fixed effects"
+        raise DataError(f"the response {model.response_name!r} {what} (no residual variation): "
+                        "a linear mixed model has no variance to estimate")
 
 
 def moment_start_applies(model: Model) -> bool:
@@ -312,13 +369,17 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, weights: Any = 
     data : pandas.DataFrame
         Not modified.
     reml : bool
-        REML (default) or maximum likelihood.
+        REML (default) or maximum likelihood; True or False only (``REML=`` is
+        accepted for it, lme4's spelling).
     weights, offset : str or array-like, optional
         Prior weights (residual variance σ²/w) and an offset.
     start : array-like, optional
         θ start values.
     **options
-        Passed to :func:`fit_lmm` (``check_derivatives``, ``condvar``, optimizer tolerances).
+        Passed to :func:`fit_lmm` (``check_derivatives``, ``condvar``, ``keep_log``, optimizer
+        tolerances ``ftol_rel``, ``ftol_abs``, ``xtol_abs``, ``maxeval``, ``initial_step``).
+        ``REML=`` (lme4's spelling) is taken for ``reml``; ``family=`` points to :func:`glmer`;
+        other names are refused with the list of valid ones.
 
     Returns
     -------
@@ -331,5 +392,6 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, *, weights: Any = 
     >>> round(fit.objective, 3), fit.fixef.round(3).tolist()
     (1743.628, [251.405, 10.467])
     """
+    reml, options = _lmm_keywords(options, "lmer", reml)
     model = Model(formula, data, family=None, weights=weights, offset=offset)
     return fit_lmm(model, reml=reml, start=start, **options)

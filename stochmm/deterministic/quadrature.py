@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import DesignError
 
-__all__ = ["gh_rule", "tensor_rule", "sparse_rule", "QuadratureRule", "make_rule", "agq", "QuadratureError"]
+__all__ = ["gh_rule", "tensor_rule", "sparse_rule", "QuadratureRule", "make_rule", "agq", "QuadratureError", "MAX_NAGQ"]
 
 
 class QuadratureError(DesignError):
@@ -162,6 +162,11 @@ def sparse_rule(level: int, d: int) -> QuadratureRule:
     return QuadratureRule(nodes, weights, "sparse", level)
 
 
+#: the most nodes per dimension (lme4's ceiling on nAGQ); 25 Gauss–Hermite nodes integrate polynomials of
+#: degree 49 exactly, and numpy's Hermite recurrences overflow for rules of a few hundred nodes
+MAX_NAGQ = 25
+
+
 def make_rule(nagq: int, dim: int, rule: str = "tensor", max_nodes: int = 10_000) -> QuadratureRule:
     """make_rule(nagq, dim, rule="tensor", max_nodes=10000) -> QuadratureRule
 
@@ -183,6 +188,8 @@ def make_rule(nagq: int, dim: int, rule: str = "tensor", max_nodes: int = 10_000
     if int(nagq) != nagq or nagq < 1:
         raise ValueError(f"nagq must be a positive integer, got {nagq!r}")
     nagq = int(nagq)
+    if nagq > MAX_NAGQ:
+        raise QuadratureError(f"nagq={nagq} is above the ceiling of {MAX_NAGQ} nodes per dimension (lme4's too)")
     if rule == "tensor":
         size = nagq**dim
         if size > max_nodes:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..builder.model import Model
-from ..errors import DesignError, NegativeEstimateWarning
+from ..errors import DataError, DesignError, NegativeEstimateWarning
 
 __all__ = ["MomentResults", "NegativeEstimateWarning", "truncate_negative"]
 
@@ -114,12 +114,28 @@ def independent_from_gram(G: np.ndarray, tol: float = 1e-7) -> np.ndarray:
     return keep
 
 
+def require_variation(m: Model, y: np.ndarray) -> None:
+    """Refuse a response with no variation (every moment estimate would be 0 and θ = 0/0),
+    with the same message as :func:`stochmm.lmer`."""
+    if y.size and np.ptp(y) == 0:
+        raise DataError(f"the response {m.response_name!r} is constant (no residual variation): "
+                        "there is no variance to estimate")
+
+
 def progress_bar(total: int, desc: str, disable: bool):
-    """A tqdm progress bar (a notebook widget where ipywidgets is installed, text otherwise)."""
+    """A tqdm progress bar (a notebook widget where ipywidgets is installed, text otherwise).
+
+    ``disable=True`` (``progress=False``) switches it off; otherwise it shows in a
+    notebook or on a terminal and stays quiet when stderr is not a terminal (logs,
+    CI), so no carriage returns end up in files.
+    """
+    import sys
+
     with warnings.catch_warnings():  # tqdm.auto warns once when it falls back from widgets to text
         warnings.simplefilter("ignore")
         from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, disable=disable, leave=False)
+    kernel = "ipykernel" in sys.modules and type(sys.stderr).__module__.startswith("ipykernel")
+    return tqdm(total=total, desc=desc, disable=True if disable else (False if kernel else None), leave=False)
 
 
 def fmt_num(c: float) -> str:
@@ -196,14 +212,19 @@ class MomentResults:
         """θ = σ_g / σ for each grouping factor in lme4's term order: start values for :func:`stochmm.lmer`."""
         s = self.sigma
         v = self.varcomp[self.groups].to_numpy(dtype=float)
-        return np.sqrt(v) / s if s > 0 else np.full(len(v), np.nan)
+        if not s > 0:
+            warnings.warn(f"the residual variance is estimated as {s * s:.3g}: θ = σ_g/σ is undefined (NaN)",
+                          NegativeEstimateWarning, stacklevel=2)
+            return np.full(len(v), np.nan)
+        return np.sqrt(v) / s
 
     @property
     def varcorr(self) -> pd.DataFrame:
         """Tidy variance components with lmer's columns (group, term1, term2, variance, sd, corr)."""
-        rows = [(g, "(Intercept)" if g != "Residual" else None, None, v, np.sqrt(v), np.nan)
+        rows = [(g, "(Intercept)" if g != "Residual" else np.nan, np.nan, v, np.sqrt(v), np.nan)
                 for g, v in self.varcomp.items()]
-        return pd.DataFrame(rows, columns=["group", "term1", "term2", "variance", "sd", "corr"])
+        out = pd.DataFrame(rows, columns=["group", "term1", "term2", "variance", "sd", "corr"])
+        return out.astype({"term1": object, "term2": object})
 
     def coef_table(self) -> pd.DataFrame:
         """Estimate, standard error and z value of each fixed effect."""

@@ -35,7 +35,7 @@ from scipy.linalg.lapack import dpstrf
 from ..builder.model import Model, split_colon
 from ..builder.terms import ReTerm
 from ..errors import DesignError
-from ._common import MomentResults, fixed_term_columns, fmt_num, require_intercept_terms
+from ._common import MomentResults, fixed_term_columns, fmt_num, require_intercept_terms, require_variation
 
 __all__ = ["anova_components", "AnovaComponents"]
 
@@ -133,6 +133,7 @@ def anova_components(formula: str, data: pd.DataFrame, *, order: Sequence[str] |
     rterms = _fit_order(m, order)
     fixed = fixed_term_columns(m)
     y = m.y - m.offset
+    require_variation(m, y)
     return _anova(m, y, fixed, rterms)
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 
 from ..builder.model import Model
-from ..errors import DataError, DesignError
-from ._common import MomentResults, independent_from_gram, lme4_order, require_intercept_terms
+from ..errors import DataError, DesignError, OptionError, check_flag
+from ._common import MomentResults, independent_from_gram, lme4_order, require_intercept_terms, require_variation
 from .crossed import (
     CrossedStats,
     crossed_arrays_fit,
@@ -125,6 +125,11 @@ def mom(formula: str, data, *, method: str = "auto", size_effect: bool = False, 
     {'Batch': 1764.0, 'Residual': 2451.2}
     """
     t0 = time.perf_counter()
+    for flag, value in (("size_effect", size_effect), ("alchemy", alchemy), ("progress", progress)):
+        check_flag(value, flag)
+    for name, value in (("nboot", nboot), ("split_every", split_every)) + ((("chunks", chunks),) if chunks is not None else ()):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise OptionError(f"{name} must be a positive integer, got {value!r}")
     if se not in ("auto", "delta", "bootstrap", None):
         raise ValueError(f"se must be 'auto', 'delta', 'bootstrap' or None, got {se!r}")
     if method not in ("auto",) + _ONE + _CROSSED:
@@ -260,6 +265,7 @@ def _mom_pandas(formula, data, method, size_effect, se, nboot, seed, alchemy, ch
     require_intercept_terms(m, "mom")
     method = _check_method(len(m.terms), method, size_effect)
     X, y = m.X, m.y - m.offset
+    require_variation(m, y)
     xnames = list(m.xnames)
     info: dict[str, Any] = {"backend": "pandas"}
     if alchemy:

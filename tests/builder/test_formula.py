@@ -73,3 +73,38 @@ def test_malformed_formulas_point_at_the_problem(formula, message, caret):
 def test_not_a_string():
     with pytest.raises(FormulaError):
         parse_formula(3)
+
+
+# -- issue 8 (reliability): formula errors point at the problem, lme4's forms are accepted ---------------
+def test_bare_bar_as_the_whole_right_hand_side_is_lme4s_term():
+    pf = parse_formula("Yield ~ 1 | Batch")
+    assert pf.fixed == "1" and bars("Yield ~ 1 | Batch") == [("1", "Batch")]
+    assert bars("y ~ x || g") == [("1", "g"), ("0 + x", "g")]
+    with pytest.raises(FormulaError, match="enclosed in parentheses"):  # R would read (x + 1 | g): refused
+        parse_formula("y ~ x + 1 | g")
+
+
+@pytest.mark.parametrize(
+    "formula,message,caret",
+    [
+        ("y ~ x + (1 | g) @", "unexpected '@' after the random-effects term", 16),
+        ("y ~ x * (1 | g)", "cannot be combined with other terms by '*'", 6),
+        ("y ~ x + z:(1 | g)", "by ':'", 9),
+    ],
+)
+def test_text_around_a_bar_term_is_pointed_at(formula, message, caret):
+    with pytest.raises(FormulaError, match=re.escape(message)) as ei:
+        parse_formula(formula)
+    assert ei.value.position == caret
+
+
+def test_non_ascii_and_backquoted_names_are_grouping_factors():
+    assert bars("y ~ x + (1 | группа)") == [("1", "группа")]
+    assert bars("y ~ x + (1 | `my group`)") == [("1", "`my group`")]
+    assert bars("y ~ x + (1 | 学校/班级)") == [("1", "学校"), ("1", "班级:学校")]
+
+
+def test_formulaic_messages_carry_no_terminal_colour_codes():
+    with pytest.raises(FormulaError) as ei:
+        parse_formula("y ~ x + (x +* 1 || g)")
+    assert "\x1b[" not in str(ei.value) and "+*" in str(ei.value)

@@ -1,5 +1,6 @@
 """The builder: X, y, Z, Λ(θ), θ bounds and names, and every bad-input message."""
 
+import re
 import warnings
 
 import numpy as np
@@ -305,3 +306,147 @@ def test_mixed_type_grouping_column_and_logical_columns():
     assert "x" in list(m.terms[0].levels) and m.terms[0].nlev == 13
     m = sm.Model("y ~ x + bb + (1 | g)", d.assign(bb=d["x"] > 0))
     assert m.xnames == ["(Intercept)", "x", "bbTRUE"]  # R's name for a logical column
+
+
+# -- issue 8 (reliability): one rule for NA and non-finite values, numeric roles, odd columns ------------
+def test_nonfinite_values_drop_rows_like_nas_counted_by_column(sleep):
+    d = sleep.assign(Days=sleep["Days"].astype(float))
+    d.loc[3, "Reaction"] = np.inf
+    d.loc[5, "Days"] = -np.inf
+    d.loc[7, "Days"] = np.nan
+    w = np.ones(180)
+    w[9] = np.inf
+    off = np.zeros(180)
+    off[11] = -np.inf
+    with pytest.warns(MissingDataWarning, match=r"5 of 180 rows dropped because of missing or non-finite values "
+                      r"\(Reaction: 1 infinite, Days: 1 NA \+ 1 infinite, weights: 1 infinite, offset: 1 infinite\)"):
+        m = sm.Model("Reaction ~ Days + (1 | Subject)", d, weights=w, offset=off)
+    assert m.n == 175 and m.n_dropped_na == 5
+    np.testing.assert_array_equal(m.row_index, np.setdiff1d(np.arange(180), [3, 5, 7, 9, 11]))
+    assert np.all(np.isfinite(m.X)) and np.all(np.isfinite(m.y)) and np.all(np.isfinite(m.offset))
+    # a Poisson response with inf is dropped the same way, not reported as a PIRLS failure
+    cb = sm.datasets.load("cbpp").assign(incidence=lambda t: t["incidence"].astype(float))
+    cb.loc[0, "incidence"] = np.inf
+    with pytest.warns(MissingDataWarning, match="incidence: 1 infinite"):
+        assert sm.Model("incidence ~ period + (1 | herd)", cb, family="poisson").n == 55
+
+
+def test_weights_and_offsets_must_be_numbers_aligned_to_the_data(sleep):
+    f = "Reaction ~ Days + (1 | Subject)"
+    for arg in ("weights", "offset"):
+        with pytest.raises(DataError, match=f"{arg} column 'Subject' is not numeric .*not category labels"):
+            sm.Model(f, sleep, **{arg: "Subject"})
+        with pytest.raises(DataError, match=f"{arg} must be numbers"):
+            sm.Model(f, sleep, **{arg: sleep["Subject"].astype(str).to_numpy()})
+    with pytest.raises(DataError, match=r"weights must be one-dimensional.*shape \(180, 1\)"):
+        sm.Model(f, sleep, weights=np.ones((180, 1)))
+    with pytest.raises(DataError, match="weights has 179 values, but the data have 180 rows"):
+        sm.Model(f, sleep, weights=np.ones(179))
+    # a Series is aligned by index, as pandas aligns ...
+    w = pd.Series(np.arange(1.0, 181.0), index=sleep.index)
+    m = sm.Model(f, sleep, weights=w.iloc[::-1])
+    np.testing.assert_array_equal(m.prior_weights, w.to_numpy())
+    # ... and one whose index is not the data's is refused, never read by position
+    with pytest.raises(DataError, match="index does not match the data's index"):
+        sm.Model(f, sleep, offset=pd.Series(np.zeros(180), index=sleep.index + 1000))
+    d = sleep.copy()
+    sm.Model(f, d, weights=w, offset=w)
+    pd.testing.assert_frame_equal(d, sleep)  # caller's data untouched
+
+
+def test_dates_duplicate_columns_and_single_level_factors(sleep):
+    d = sleep.assign(date=pd.Timestamp("2020-01-01") + pd.to_timedelta(sleep["Days"], unit="D"))
+    with pytest.raises(DataError, match=r"column 'date' .*dates/times.*\.dt\.days"):
+        sm.Model("Reaction ~ date + (1 | Subject)", d)
+    dup = pd.concat([sleep, sleep[["Days"]]], axis=1)
+    with pytest.raises(DataError, match="more than one column named 'Days'"):
+        sm.Model("Reaction ~ Days + (1 | Subject)", dup)
+    # a one-level factor and a constant numeric column are reported alike
+    one = sleep.assign(site="A", k=2.0)
+    with pytest.warns(RankDeficiencyWarning, match=r"dropping 1 column\(s\): site \(a factor with a single level"):
+        m = sm.Model("Reaction ~ Days + site + (1 | Subject)", one)
+    assert m.xnames == ["(Intercept)", "Days"] and m.dropped_columns == ["site"]
+    with pytest.warns(RankDeficiencyWarning, match=r"dropping 1 column\(s\): k"):
+        assert sm.Model("Reaction ~ Days + k + (1 | Subject)", one).dropped_columns == ["k"]
+
+
+def test_any_valid_column_name_is_a_grouping_factor(sleep):
+    d = sleep.rename(columns={"Subject": "группа", "Days": "дни"})
+    f1 = sm.lmer("Reaction ~ дни + (дни | группа)", d)
+    f2 = sm.lmer("Reaction ~ Days + (Days | Subject)", sleep)
+    assert f1.objective == pytest.approx(f2.objective, abs=1e-10)
+    assert list(f1.ranef) == ["группа"]
+
+
+def test_predict_re_form_forms_and_refusals():
+    pen = sm.datasets.load("penicillin")
+    fit = sm.lmer("diameter ~ 1 + (1 | plate) + (1 | sample)", pen)
+    m = fit.model
+    plate = m.Z[:, m.z_slices[0]] @ fit.b[m.z_slices[0]]
+    base = fit.fixef.iloc[0]
+    np.testing.assert_allclose(fit.predict(re_form="~(1 | plate)"), base + plate)
+    np.testing.assert_allclose(fit.predict(pen, re_form="~ (1|plate)"), base + plate)
+    np.testing.assert_allclose(fit.predict(re_form="~(1|plate) + (1|sample)"), fit.fitted)
+    for none in (None, "NA", "~0", np.nan):
+        np.testing.assert_allclose(fit.predict(pen.head(3), re_form=none), [base] * 3)
+    for bad, msg in (("none", "re_form must be"), ("~(1 | batch)", "not a random-effects term of the model"),
+                     ("~ x + (1 | plate)", "names fixed-effects terms"), (0, "re_form must be")):
+        with pytest.raises(DataError, match=re.escape(msg)):
+            fit.predict(re_form=bad)
+    # re_form=None needs no grouping column
+    np.testing.assert_allclose(fit.predict(pen[[]].head(2).assign(x=1), re_form=None), [base] * 2)
+
+
+def test_predict_bad_newdata_is_named(sleep):
+    fit = sm.lmer("Reaction ~ Days + (Days | Subject)", sleep)
+    with pytest.raises(MissingColumnError, match=r"grouping factor 'Subject' is not a column.*re_form=None"):
+        fit.predict(sleep.drop(columns="Subject"))
+    with pytest.raises(MissingColumnError, match="fixed-effects variable 'Days'"):
+        fit.predict(sleep.drop(columns="Days"))
+    with pytest.raises(DataError, match="newdata must be a pandas DataFrame"):
+        fit.predict(sleep.to_numpy())
+    np.testing.assert_allclose(fit.predict(sleep.drop(columns="Subject"), re_form=None),
+                               fit.fixef.iloc[0] + fit.fixef.iloc[1] * sleep["Days"])
+
+
+def test_predict_unseen_fixed_level_is_nan_with_a_counted_warning():
+    cb = sm.datasets.load("cbpp")
+    fit = sm.glmer("cbind(incidence, size - incidence) ~ period + (1 | herd)", cb)
+    nd = cb.head(3).assign(period=lambda t: t["period"].astype(str))
+    nd.loc[0, "period"] = "5"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match=r"1 of 3 rows of newdata .*period: 1 row\(s\) with level\(s\) \['5'\]"):
+            fit.predict(nd)
+    with pytest.warns(UserWarning, match="not seen in the fit"):
+        p = fit.predict(nd)
+    assert np.isnan(p[0]) and np.allclose(p[1:], fit.fitted[1:3])
+
+
+def test_predict_warns_when_the_fit_offset_is_not_in_newdata(sleep):
+    d = sleep.assign(o=3.0)
+    fit = sm.lmer("Reaction ~ Days + (1 | Subject)", d, offset="o")
+    np.testing.assert_allclose(fit.predict(d.head(4)), fit.fitted[:4])  # the column is in newdata: used
+    with pytest.warns(UserWarning, match="offset= argument that newdata does not provide"):
+        p = fit.predict(sleep.head(4))
+    np.testing.assert_allclose(p, fit.fitted[:4] - 3.0)
+    fv = sm.lmer("Reaction ~ Days + (1 | Subject)", sleep, offset=np.full(180, 3.0))
+    with pytest.warns(UserWarning, match="offset="):
+        fv.predict(sleep.head(2))
+    np.testing.assert_allclose(fv.predict(sleep.head(2), offset=[3.0, 3.0]), fv.fitted[:2])
+
+
+def test_re_form_terms_match_by_their_effects(sleep):
+    m = sm.Model("Reaction ~ Days + (Days || Subject)", sleep)
+    assert m.re_terms("~(Days || Subject)") == [0, 1] and m.re_terms("~(0 + Days | Subject)") == [1]
+    m = sm.Model("Reaction ~ Days + (Days | Subject)", sleep)
+    assert m.re_terms("~(1 + Days | Subject)") == m.re_terms("~(Days|Subject)") == [0]
+    with pytest.raises(DataError, match="not a random-effects term"):
+        m.re_terms("~(0 + Days | Subject)")
+
+
+def test_nonfinite_transformed_predictors_follow_the_same_rule(sleep):
+    for f in ("Reaction ~ log(Days) + (1 | Subject)", "Reaction ~ Days + (log(Days) | Subject)"):
+        with pytest.warns(MissingDataWarning, match=r"18 of 180 rows dropped .*log\(Days\): 18"):
+            m = sm.Model(f, sleep)
+        assert m.n == 162 and np.all(np.isfinite(m.X)) and np.all(np.isfinite(m.Z.data))

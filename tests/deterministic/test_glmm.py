@@ -351,3 +351,36 @@ def test_convergence_warning_prints_the_number(cbpp):
         fit = sm.glmer(CBPP, cbpp, tol=10.0)  # stage 2 stops at once: the nAGQ=0 optimum is not the Laplace one
     assert any("max|grad|" in w for w in fit.warnings)
 
+
+
+# -- issue 8 (reliability) ----------------------------------------------------------------------------------
+def test_glmer_takes_method_and_lme4_spellings(cbpp, cbpp_fits):
+    agq5 = sm.glmer(CBPP, cbpp, method="agq", nagq=5)
+    assert agq5.nagq == 5
+    assert sm.glmer(CBPP, cbpp, nAGQ=5).objective == pytest.approx(agq5.objective, abs=1e-8)
+    m = sm.Model(CBPP, cbpp, family="binomial")
+    assert m.fit(nAGQ=0).nagq == 0 and m.fit(method="agq", nagq=5).objective == pytest.approx(agq5.objective, abs=1e-8)
+    with pytest.raises(sm.OptionError, match="REML is for linear mixed models"):
+        sm.glmer(CBPP, cbpp, REML=False)
+    with pytest.raises(sm.OptionError, match="REML is for linear mixed models"):
+        m.fit(reml=False)
+    with pytest.raises(TypeError, match=r"'optimiser'. Did you mean 'optimizer'\? Valid keywords: check_derivatives"):
+        sm.glmer(CBPP, cbpp, optimiser="newton")
+    with pytest.raises(sm.OptionError, match=r"optimizer must be one of 'newton', 'lbfgs', 'bobyqa'; got 'Newton'"):
+        sm.glmer(CBPP, cbpp, optimizer="Newton")
+    with pytest.raises(sm.OptionError, match="condvar must be True or False"):
+        fit_glmm(m, condvar="yes")
+    with pytest.raises(sm.OptionError, match="got both nagq=3 and nAGQ=5"):
+        sm.glmer(CBPP, cbpp, nagq=3, nAGQ=5)
+    with pytest.raises(ValueError, match="method='fast' means nagq=0"):
+        sm.glmer(CBPP, cbpp, method="fast", nagq=5)
+
+
+def test_nagq_has_lme4s_ceiling(cbpp):
+    for n in (26, 1000):
+        with pytest.raises(QuadratureError, match=f"nagq={n} is above the ceiling of 25"):
+            sm.glmer(CBPP, cbpp, nagq=n)
+    with pytest.raises(sm.OptionError, match="nagq must be a non-negative whole number"):
+        sm.glmer(CBPP, cbpp, nagq="5")
+    fit = sm.glmer(CBPP, cbpp, nagq=25)
+    assert np.isfinite(fit.objective) and np.all(np.isfinite(fit.se))

@@ -211,3 +211,94 @@ def test_moment_start_values():
         sm.lmer(f, p, start="best")
     with pytest.raises(ValueError, match="random-intercept"):
         moment_start(sm.Model(SLEEP, sm.datasets.load("sleepstudy")))
+
+
+# -- issue 8 (reliability) ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("reml", [False, True])
+def test_shifting_and_scaling_y_changes_only_what_it_should(sleep, reml):
+    """Adding c to y changes only the intercept; multiplying y by c scales β, σ by c and moves the
+    objective by the log-Jacobian 2·(n or n−p)·log c; θ never changes. Over 1e-10 … 1e12."""
+    base = sm.lmer(SLEEP, sleep, reml=reml)
+    n = 180 - 2 * reml
+    for c in (1e-10, 1e-3, 1e4, 1e8, 1e11, 1e12):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sh = sm.lmer(SLEEP, sleep.assign(Reaction=sleep["Reaction"] + c), reml=reml)
+            sc = sm.lmer(SLEEP, sleep.assign(Reaction=sleep["Reaction"] * c), reml=reml)
+        # the data themselves keep |c|·2^-52 absolute precision: the tolerances are that, not looser
+        eps = 2.0**-52 * 4 * c / base.sigma
+        assert sh.objective == pytest.approx(base.objective, abs=1e-6 + 180 * eps), c
+        np.testing.assert_allclose(sh.theta, base.theta, atol=1e-5 + 10 * eps)
+        assert sh.sigma == pytest.approx(base.sigma, rel=1e-6 + eps)
+        assert sh.fixef.iloc[0] - c == pytest.approx(base.fixef.iloc[0], abs=1e-5 + c * 2.0**-50)
+        assert sh.fixef.iloc[1] == pytest.approx(base.fixef.iloc[1], rel=1e-6 + eps)
+        np.testing.assert_allclose(sh.se, base.se, rtol=1e-5 + 10 * eps)
+        assert sc.objective - 2 * n * np.log(c) == pytest.approx(base.objective, abs=1e-6), c
+        np.testing.assert_allclose(sc.theta, base.theta, atol=1e-5)
+        assert sc.sigma / c == pytest.approx(base.sigma, rel=1e-7)
+        np.testing.assert_allclose(sc.fixef / c, base.fixef, rtol=1e-7)
+
+
+def test_shifting_and_scaling_x_in_the_fixed_part(sleep):
+    """x only in the fixed part: scaling x scales its β by 1/c (REML: objective moves by −2 log c);
+    shifting x moves only the intercept, until x − shift is numerically constant next to the
+    intercept, where R's qr tolerance (1e-7) drops the column as lme4 does."""
+    f = "Reaction ~ Days + (1 | Subject)"
+    base = sm.lmer(f, sleep, reml=False)
+    for c in (1e-10, 1e-4, 1e4, 1e12):
+        sc = sm.lmer(f, sleep.assign(Days=sleep["Days"] * c), reml=False)
+        assert sc.objective == pytest.approx(base.objective, abs=1e-7)
+        np.testing.assert_allclose(sc.theta, base.theta, atol=1e-6)
+        assert sc.fixef.iloc[1] * c == pytest.approx(base.fixef.iloc[1], rel=1e-7)
+    for c in (1e-10, 1.0, 1e3, 1e5):
+        sh = sm.lmer(f, sleep.assign(Days=sleep["Days"] + c), reml=False)
+        assert sh.objective == pytest.approx(base.objective, abs=1e-6)
+        np.testing.assert_allclose(sh.theta, base.theta, atol=1e-6)
+        assert sh.fixef.iloc[0] + c * sh.fixef.iloc[1] == pytest.approx(base.fixef.iloc[0], rel=1e-7)
+    with pytest.warns(sm.RankDeficiencyWarning, match="dropping 1 column"):
+        sm.Model(f, sleep.assign(Days=sleep["Days"] + 1e9))
+
+
+def test_entry_points_refuse_unknown_keywords_and_wrong_flag_types(sleep):
+    with pytest.raises(sm.OptionError, match=r"reml must be True or False, got 'ML'"):
+        sm.lmer(SLEEP, sleep, reml="ML")
+    with pytest.raises(sm.OptionError, match="family.*glmer"):
+        sm.lmer(SLEEP, sleep, family="binomial")
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'maxevals'. Did you mean 'maxeval'\? Valid "
+                                        r"keywords: check_derivatives, condvar"):
+        sm.lmer(SLEEP, sleep, maxevals=10)
+    with pytest.raises(sm.OptionError, match="condvar must be True or False"):
+        sm.lmer(SLEEP, sleep, condvar="no")
+    with pytest.raises(sm.OptionError, match="nAGQ is for GLMMs"):
+        sm.lmer(SLEEP, sleep, nAGQ=5)
+    with pytest.raises(sm.OptionError, match="got both reml=False and REML=True"):
+        sm.lmer(SLEEP, sleep, reml=False, REML=True)
+
+
+def test_lme4_spellings_and_model_fit_take_what_lmer_takes(sleep):
+    ml = sm.lmer(SLEEP, sleep, reml=False)
+    m = sm.Model(SLEEP, sleep)
+    for fit in (sm.lmer(SLEEP, sleep, REML=False), m.fit(reml=False), m.fit(REML=False), m.fit("ML"),
+                m.fit(reml=False, check_derivatives=False, maxeval=1000)):
+        assert fit.method == "ML" and fit.objective == pytest.approx(ml.objective, abs=1e-8)
+    assert m.fit().method == "REML" and m.fit(start="lme4").method == "REML"
+    with pytest.raises(ValueError, match="contradicts reml=True"):
+        m.fit("ML", reml=True)
+    with pytest.raises(sm.OptionError, match="Valid keywords"):
+        m.fit(reml=False, bogus=1)
+
+
+def test_degenerate_responses_get_a_plain_message(sleep):
+    with pytest.raises(sm.DataError, match="'Reaction' is constant .*no residual variation"):
+        sm.lmer(SLEEP, sleep.assign(Reaction=3.0))
+    with pytest.raises(sm.DataError, match="fitted exactly by the fixed effects"):
+        sm.lmer(SLEEP, sleep.assign(Reaction=2.0 + 3.0 * sleep["Days"]))
+
+
+def test_start_value_failure_falls_back_to_lme4s_start(sleep):
+    """(1|Subject) + (1|Subject): the moment start's equations are singular; the fit goes on from lme4's start
+    (lme4 fits it: the variance splits between the two identical terms)."""
+    f = sm.lmer("Reaction ~ Days + (1 | Subject) + (1 | Subject)", sleep)
+    one = sm.lmer("Reaction ~ Days + (1 | Subject)", sleep)
+    assert f.objective == pytest.approx(one.objective, abs=1e-6)
+    assert np.hypot(*f.theta) == pytest.approx(one.theta[0], rel=1e-4)

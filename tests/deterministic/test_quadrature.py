@@ -153,3 +153,13 @@ def test_scalar_fast_path_equals_general_path(cbpp_engine):
         v2, g2 = agq(cbpp_engine, th, be, tensor_rule(n, 1), grad=True, max_chunk=10)  # general, chunked
         assert v1 == pytest.approx(v2, abs=1e-10)
         np.testing.assert_allclose(g1, g2, rtol=1e-10, atol=1e-10)
+
+
+def test_rules_stop_at_lme4s_nagq_ceiling():
+    from stochmm.deterministic.quadrature import MAX_NAGQ
+
+    assert MAX_NAGQ == 25 and make_rule(25, 1).size == 25
+    z, w = gh_rule(25)
+    assert np.all(np.isfinite(z)) and np.all(np.isfinite(w)) and w.sum() == pytest.approx(1.0)
+    with pytest.raises(QuadratureError, match="above the ceiling of 25"):
+        make_rule(26, 1)

@@ -381,3 +381,31 @@ def test_mom_bad_input():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sm.mom("Yield ~ 1 + (1 | Batch)", sm.datasets.load("dyestuff"))  # a clean fit warns nothing
+
+
+def test_degenerate_responses_are_refused_or_warned():
+    """issue 8: a constant response gives θ = 0/0; say so instead of returning NaN silently."""
+    d = sm.datasets.load("dyestuff").assign(Yield=5.0)
+    for fn in (sm.mom, sm.anova_components):
+        with pytest.raises(DataError, match="'Yield' is constant"):
+            fn("Yield ~ 1 + (1 | Batch)", d)
+    p = sm.datasets.load("penicillin").assign(diameter=1.0)
+    with pytest.raises(DataError, match="'diameter' is constant"):
+        sm.mom("diameter ~ 1 + (1 | plate) + (1 | sample)", p)
+    # a zero residual variance that is not a constant response: θ is NaN with a warning naming the cause
+    d2 = sm.datasets.load("dyestuff")
+    d2["Yield"] = d2.groupby("Batch", observed=True)["Yield"].transform("mean")
+    fit = sm.mom("Yield ~ 1 + (1 | Batch)", d2)
+    with pytest.warns(NegativeEstimateWarning, match="residual variance is estimated as 0"):
+        assert np.isnan(fit.theta).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isfinite(sm.mom("Yield ~ 1 + (1 | Batch)", sm.datasets.load("dyestuff")).theta).all()
+
+
+def test_mom_flags_are_checked_at_the_entry_point():
+    d = sm.datasets.load("dyestuff")
+    with pytest.raises(sm.OptionError, match="size_effect must be True or False, got 'yes'"):
+        sm.mom("Yield ~ 1 + (1 | Batch)", d, size_effect="yes")
+    with pytest.raises(sm.OptionError, match="nboot must be a positive integer"):
+        sm.mom("Yield ~ 1 + (1 | Batch)", d, nboot=0)
