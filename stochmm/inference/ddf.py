@@ -377,6 +377,7 @@ def ddf_coef_table(fit: Any, ddf: str) -> pd.DataFrame:
     t = est / se
     out = pd.DataFrame({"Estimate": est, "Std. Error": se, "df": df, "t value": t,
                         "Pr(>|t|)": 2 * stats.t.sf(np.abs(t), df)}, index=fit.model.xnames)
+    out.attrs["ddf"] = method
     return out
 
 
