@@ -319,11 +319,31 @@ class _ZetaGlmm:
                     return 1e300, np.zeros_like(y)
                 return val, g[self.free] * sc
 
-            bounds = [(lo / s if np.isfinite(lo) else None, hi / s if np.isfinite(hi) else None)
-                      for lo, hi, s in zip(self.lower, self.upper, sc)]
-            r = so.minimize(fg, self.x / sc, jac=True, method="L-BFGS-B", bounds=bounds,
-                            options={"ftol": 1e-15, "gtol": 1e-9, "maxiter": 500})
-            self.x, fmin = r.x * sc, float(r.fun)
+            import nlopt
+
+            best = {"f": np.inf, "x": self.x / sc}
+
+            def obj(y, grad):
+                val, g = fg(np.asarray(y))
+                if grad.size:
+                    grad[:] = g
+                if val < best["f"]:
+                    best["f"], best["x"] = val, np.array(y, copy=True)
+                return float(val)
+
+            opt = nlopt.opt(nlopt.LD_LBFGS, int(self.free.sum()))
+            opt.set_lower_bounds(np.where(np.isfinite(self.lower), self.lower / sc, -1e30))
+            opt.set_upper_bounds(np.where(np.isfinite(self.upper), self.upper / sc, 1e30))
+            opt.set_min_objective(obj)
+            opt.set_ftol_rel(1e-14)
+            opt.set_xtol_rel(1e-10)
+            opt.set_maxeval(1000)
+            y0 = np.clip(self.x / sc, opt.get_lower_bounds(), opt.get_upper_bounds())
+            try:
+                opt.optimize(y0)
+            except Exception:  # nlopt stops on roundoff or a failed line search: keep the best point
+                pass
+            self.x, fmin = best["x"] * sc, float(best["f"])
         else:
             from ..deterministic.optsummary import minimize_bounded
 
