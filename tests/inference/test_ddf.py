@@ -14,7 +14,6 @@ import pytest
 import stochmm as sm
 from stochmm.inference import ddf
 
-
 MODELS = ["sleep_slopes", "sleep_unbalanced", "sleep_factor", "penicillin", "pastes", "cake"]
 
 
