@@ -391,11 +391,12 @@ class MixedModelResults:
 
         return api.resolve("results.vcov_kr")(self)
 
-    def rePCA(self) -> dict:
-        """rePCA() -> dict of grouping factor -> DataFrame
+    def rePCA(self) -> pd.DataFrame:
+        """rePCA() -> DataFrame
 
-        lme4's ``rePCA``: singular values of each relative covariance factor, to see a
-        singular fit's effective dimension. See :func:`stochmm.inference.diagnostics.rePCA`.
+        lme4's ``rePCA``: singular values of each grouping factor's relative covariance
+        factor (group, component, sdev, proportion, cumulative), to see a singular
+        fit's effective dimension. See :func:`stochmm.inference.diagnostics.rePCA`.
         """
         from . import api
 

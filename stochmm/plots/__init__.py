@@ -4,9 +4,10 @@ Each function takes a results object or a tidy table and returns a matplotlib Fi
 imported when a function is called.
 """
 
-from .ranef import caterpillar
-
 # -- inference
+from .profile import bootstrap_hist as bootstrap_hist
+from .profile import profile_zeta as profile_zeta
+from .ranef import caterpillar
 
 # -- importance sampling
 
