@@ -65,6 +65,82 @@ def sd_cor(model: Any, theta: np.ndarray, sigma: float) -> np.ndarray:
 # =============================================================================================
 # refitting one replicate
 # =============================================================================================
+class _DenseDeviance:
+    """The LMM profiled deviance for small random-effects dimension (q + p ≤ 400) with the
+    y-independent cross-products Z'WZ, Z'WX, X'WX formed once: a new response changes only
+    Z'Wy, X'Wy and y'Wy. The response is centred at Xβ̂ of the original fit (the criterion is
+    invariant to that shift), so r² = y'y − ‖c‖² keeps its digits."""
+
+    def __init__(self, model: Any, reml: bool, beta0: np.ndarray) -> None:
+        import scipy.sparse as sp
+
+        w = np.asarray(model.prior_weights, dtype=float)
+        self.sw = np.sqrt(w)
+        Zw = sp.diags(self.sw) @ sp.csc_matrix(model.Z)
+        self.Zwt = Zw.T.tocsr()
+        self.Xw = model.X * self.sw[:, None]
+        self.ZtZ = (self.Zwt @ Zw).toarray()
+        self.ZtX = np.asarray(self.Zwt @ self.Xw)
+        self.XtX = self.Xw.T @ self.Xw
+        self.ldW = float(np.log(w).sum())
+        self.model, self.reml, self.beta0 = model, reml, beta0
+        self.n, self.p, self.q = model.n, model.p, model.q
+        from ..inference.ddf import _lambda_index
+
+        self.rows, self.cols, self.idx = _lambda_index(model)
+        self.nfev = 0
+
+    def set_y(self, y: np.ndarray) -> None:
+        yc = (y - self.model.offset - self.model.X @ self.beta0) * self.sw
+        self.Zty = np.asarray(self.Zwt @ yc).ravel()
+        self.Xty = self.Xw.T @ yc
+        self.yty = float(yc @ yc)
+
+    def parts(self, theta: np.ndarray):
+        from scipy.linalg.lapack import dpotrf, dtrtrs
+
+        q = self.q
+        Lam = np.zeros((q, q))
+        Lam[self.rows, self.cols] = theta[self.idx]
+        LtA = Lam.T @ self.ZtZ
+        M = LtA @ Lam
+        M[np.diag_indices(q)] += 1.0
+        L, info = dpotrf(M, lower=1, clean=1, overwrite_a=1)
+        if info:
+            return None
+        rzx, _ = dtrtrs(L, Lam.T @ self.ZtX, lower=1)
+        cu, _ = dtrtrs(L, Lam.T @ self.Zty, lower=1)
+        XVX = self.XtX - rzx.T @ rzx
+        RX, info = dpotrf(XVX, lower=1, clean=1, overwrite_a=0)
+        if info:
+            return None
+        cb, _ = dtrtrs(RX, self.Xty - rzx.T @ cu, lower=1)
+        r2 = self.yty - cu @ cu - cb @ cb
+        return L, RX, cb, max(float(r2), 1e-300)
+
+    def __call__(self, theta: np.ndarray) -> float:
+        self.nfev += 1
+        pr = self.parts(np.asarray(theta, dtype=float))
+        if pr is None:
+            return np.inf
+        L, RX, _, r2 = pr
+        ld = 2.0 * float(np.log(np.diag(L)).sum()) - self.ldW
+        if self.reml:
+            nmp = self.n - self.p
+            return ld + 2.0 * float(np.log(np.diag(RX)).sum()) + nmp * (1.0 + _LOG2PI + np.log(r2 / nmp))
+        return ld + self.n * (1.0 + _LOG2PI + np.log(r2 / self.n))
+
+    def beta_sigma(self, theta: np.ndarray) -> tuple[np.ndarray, float]:
+        from scipy.linalg.lapack import dtrtrs
+
+        L, RX, cb, r2 = self.parts(theta)
+        b, _ = dtrtrs(RX, cb, lower=1, trans=1)
+        return self.beta0 + b, float(np.sqrt(r2 / ((self.n - self.p) if self.reml else self.n)))
+
+
+_LOG2PI = float(np.log(2.0 * np.pi))
+
+
 class _Refitter:
     """Refits of one fitted model to new responses, reusing everything built."""
 
@@ -76,7 +152,9 @@ class _Refitter:
         if self.lmm:
             from ..deterministic.lmm import ProfiledDeviance
 
-            self.dev = ProfiledDeviance(model, reml=payload["reml"])
+            self.dense = model.q + model.p <= 400 and model.p > 0
+            self.dev = (_DenseDeviance(model, payload["reml"], payload["beta"]) if self.dense
+                        else ProfiledDeviance(model, reml=payload["reml"]))
             th = payload["theta"]
             self.step = np.where(np.isfinite(model.lower), np.maximum(0.25 * np.abs(th), 0.05), 0.1)
 
@@ -89,14 +167,20 @@ class _Refitter:
         from ..deterministic.optsummary import minimize_bounded
 
         model, dev = self.model, self.dev
-        dev.system.update(y=y - model.offset)
+        if self.dense:
+            dev.set_y(y)
+        else:
+            dev.system.update(y=y - model.offset)
         opt = minimize_bounded(dev, self.p["theta"], model.lower, initial_step=self.step, ftol_rel=1e-10,
                                ftol_abs=1e-8, xtol_abs=1e-8)
         theta = opt.xfinal
+        conv = not str(opt.returnvalue).startswith(("MAXEVAL", "ROUNDOFF"))
+        if self.dense:
+            beta, sigma = dev.beta_sigma(theta)
+            return self._row(beta, theta, sigma, opt.fmin, conv)
         bs = dev.system.factor(model.lambda_blocks(theta))
         n, p = model.n, model.p
         sigma = float(np.sqrt(bs.pwrss / ((n - p) if dev.reml else n)))
-        conv = not str(opt.returnvalue).startswith(("MAXEVAL", "ROUNDOFF"))
         return self._row(bs.beta(), theta, sigma, opt.fmin, conv)
 
     def _glmm(self, m: Any) -> np.ndarray:
@@ -179,8 +263,13 @@ def _response_scale(m: Any) -> np.ndarray:
 
 
 def _run_chunk(payload: dict, kind: str, seeds: list) -> np.ndarray:
-    refitter = _Refitter(payload) if kind != "case" else None
-    return np.vstack([_replicate(payload, kind, ss, refitter) for ss in seeds])
+    """Replicates of one chunk, one BLAS thread (thousands of tiny BLAS calls: thread hand-off
+    costs more than the work on few cores)."""
+    from ..deterministic.pirls import blas_threads
+
+    with blas_threads(1):
+        refitter = _Refitter(payload) if kind != "case" else None
+        return np.vstack([_replicate(payload, kind, ss, refitter) for ss in seeds])
 
 
 # =============================================================================================
@@ -371,9 +460,8 @@ def bootstrap(fit: Any, nsim: int = 1000, seed: int | None = 0, type: str = "par
                     rows[futs[fut]] = fut.result()
                     bar.update(len(chunks[futs[fut]]))
         else:
-            refitter = _Refitter(payload) if kind != "case" else None
             for i, c in enumerate(chunks):
-                rows[i] = np.vstack([_replicate(payload, kind, ss, refitter) for ss in c])
+                rows[i] = _run_chunk(payload, kind, c)
                 bar.update(len(c))
     finally:
         bar.close()

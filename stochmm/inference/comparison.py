@@ -121,15 +121,17 @@ def type_name(x: Any) -> str:
 
 
 def _pb_chunk(small: dict, large: dict, seeds: list) -> np.ndarray:
+    from ..deterministic.pirls import blas_threads
     from .bootstrap import _draw, _Refitter
 
-    rs, rl = _Refitter(small), _Refitter(large)
-    out = np.empty((len(seeds), 2))
-    for i, ss in enumerate(seeds):
-        y, _ = _draw(small, "parametric", np.random.default_rng(ss))
-        a, b = rs.refit_y(y), rl.refit_y(y)
-        ok = bool(a[-1]) and bool(b[-1])
-        out[i] = (max(a[-3] - b[-3], 0.0), float(ok))
+    with blas_threads(1):
+        rs, rl = _Refitter(small), _Refitter(large)
+        out = np.empty((len(seeds), 2))
+        for i, ss in enumerate(seeds):
+            y, _ = _draw(small, "parametric", np.random.default_rng(ss))
+            a, b = rs.refit_y(y), rl.refit_y(y)
+            ok = bool(a[-1]) and bool(b[-1])
+            out[i] = (max(a[-3] - b[-3], 0.0), float(ok))
     return out
 
 

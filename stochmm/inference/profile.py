@@ -390,6 +390,13 @@ def profile(fit: Any, which: Any = None, level: float = 0.95, delta: float | Non
     >>> profile(fit).confint().round(2).iloc[:, 0].tolist()
     [12.2, 38.23, 1486.45]
     """
+    from ..deterministic.pirls import blas_threads
+
+    with blas_threads(1):  # thousands of tiny BLAS calls: one thread is fastest
+        return _profile(fit, which, level, delta)
+
+
+def _profile(fit: Any, which: Any, level: float, delta: float | None) -> Profile:
     if not isinstance(level, (int, float)) or not 0 < level < 1:
         raise ValueError(f"level must be a number in (0, 1), got {level!r}")
     model = fit.model
