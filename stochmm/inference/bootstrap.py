@@ -130,6 +130,49 @@ class _DenseDeviance:
             return ld + 2.0 * float(np.log(np.diag(RX)).sum()) + nmp * (1.0 + _LOG2PI + np.log(r2 / nmp))
         return ld + self.n * (1.0 + _LOG2PI + np.log(r2 / self.n))
 
+    def value_and_grad(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
+        """The deviance and its exact gradient in θ: with D_i = E_iΛ' + ΛE_i' (Λ = Σθ_iE_i),
+        K = Z'V₀⁻¹Z (REML: Z'PZ) and a = Z'Py, ∂/∂θ_i = tr(D_iK) − m·a'D_ia / r²."""
+        from scipy.linalg.lapack import dpotrf, dtrtrs
+
+        self.nfev += 1
+        theta = np.asarray(theta, dtype=float)
+        q = self.q
+        Lam = np.zeros((q, q))
+        Lam[self.rows, self.cols] = theta[self.idx]
+        LtA = Lam.T @ self.ZtZ
+        M = LtA @ Lam
+        M[np.diag_indices(q)] += 1.0
+        L, info = dpotrf(M, lower=1, clean=1, overwrite_a=1)
+        if info:
+            return np.inf, np.zeros_like(theta)
+        W1, _ = dtrtrs(L, LtA, lower=1)
+        rzx, _ = dtrtrs(L, Lam.T @ self.ZtX, lower=1)
+        cu, _ = dtrtrs(L, Lam.T @ self.Zty, lower=1)
+        C = self.XtX - rzx.T @ rzx
+        RX, info = dpotrf(C, lower=1, clean=1, overwrite_a=0)
+        if info:
+            return np.inf, np.zeros_like(theta)
+        cb, _ = dtrtrs(RX, self.Xty - rzx.T @ cu, lower=1)
+        r2 = max(float(self.yty - cu @ cu - cb @ cb), 1e-300)
+        bc, _ = dtrtrs(RX, cb, lower=1, trans=1)
+        K = self.ZtZ - W1.T @ W1
+        B = self.ZtX - W1.T @ rzx
+        a = (self.Zty - W1.T @ cu) - B @ bc
+        if self.reml:
+            G, _ = dtrtrs(RX, np.ascontiguousarray(B.T), lower=1)
+            K = K - G.T @ G
+        m = (self.n - self.p) if self.reml else self.n
+        N = Lam.T @ K
+        La = Lam.T @ a
+        nt = theta.size
+        tr = 2.0 * np.bincount(self.idx, N[self.cols, self.rows], minlength=nt)
+        ada = 2.0 * np.bincount(self.idx, a[self.rows] * La[self.cols], minlength=nt)
+        val = 2.0 * float(np.log(np.diag(L)).sum()) - self.ldW + m * (1.0 + _LOG2PI + np.log(r2 / m))
+        if self.reml:
+            val += 2.0 * float(np.log(np.diag(RX)).sum())
+        return val, tr - m * ada / r2
+
     def beta_sigma(self, theta: np.ndarray) -> tuple[np.ndarray, float]:
         from scipy.linalg.lapack import dtrtrs
 
@@ -139,6 +182,47 @@ class _DenseDeviance:
 
 
 _LOG2PI = float(np.log(2.0 * np.pi))
+
+
+def _lbfgs(dev: _DenseDeviance, theta0: np.ndarray, lower: np.ndarray) -> tuple[np.ndarray, float, bool]:
+    """Bounded L-BFGS (NLopt) on the exact gradient from θ̂ of the original fit; a stall (roundoff,
+    failed line search) is polished by BOBYQA from the best point."""
+    import nlopt
+
+    best = {"f": np.inf, "x": np.asarray(theta0, dtype=float).copy()}
+
+    def obj(x, grad):
+        v, g = dev.value_and_grad(x)
+        if grad.size:
+            grad[:] = g
+        if v < best["f"]:
+            best["f"], best["x"] = v, np.array(x, copy=True)
+        return float(v)
+
+    opt = nlopt.opt(nlopt.LD_LBFGS, theta0.size)
+    opt.set_lower_bounds(np.where(np.isfinite(lower), lower, -1e30))
+    opt.set_min_objective(obj)
+    opt.set_ftol_rel(1e-13)
+    opt.set_xtol_abs(1e-9)
+    opt.set_maxeval(500)
+    ok = True
+    try:
+        opt.optimize(np.maximum(theta0, np.where(np.isfinite(lower), lower, -np.inf)))
+        ok = opt.last_optimize_result() > 0 and opt.last_optimize_result() != 5
+    except Exception:  # roundoff / line-search failure: fall back below
+        ok = False
+    at_bound = np.any(np.isfinite(lower) & (best["x"] - lower < 1e-4))
+    if not ok or at_bound:
+        # projected L-BFGS can stall on a bound: BOBYQA from the best point settles it
+        from ..deterministic.optsummary import minimize_bounded
+
+        step = np.maximum(0.1 * np.abs(theta0), 0.05)
+        o = minimize_bounded(dev, best["x"], lower, initial_step=step, ftol_rel=1e-12, ftol_abs=1e-10,
+                             xtol_abs=1e-9)
+        ok = not str(o.returnvalue).startswith("MAXEVAL")
+        if o.fmin < best["f"]:
+            best["f"], best["x"] = o.fmin, o.xfinal
+    return best["x"], float(best["f"]), ok
 
 
 class _Refitter:
@@ -169,15 +253,14 @@ class _Refitter:
         model, dev = self.model, self.dev
         if self.dense:
             dev.set_y(y)
-        else:
-            dev.system.update(y=y - model.offset)
+            theta, fmin, conv = _lbfgs(dev, self.p["theta"], model.lower)
+            beta, sigma = dev.beta_sigma(theta)
+            return self._row(beta, theta, sigma, fmin, conv)
+        dev.system.update(y=y - model.offset)
         opt = minimize_bounded(dev, self.p["theta"], model.lower, initial_step=self.step, ftol_rel=1e-10,
                                ftol_abs=1e-8, xtol_abs=1e-8)
         theta = opt.xfinal
         conv = not str(opt.returnvalue).startswith(("MAXEVAL", "ROUNDOFF"))
-        if self.dense:
-            beta, sigma = dev.beta_sigma(theta)
-            return self._row(beta, theta, sigma, opt.fmin, conv)
         bs = dev.system.factor(model.lambda_blocks(theta))
         n, p = model.n, model.p
         sigma = float(np.sqrt(bs.pwrss / ((n - p) if dev.reml else n)))
