@@ -184,9 +184,25 @@ class _DenseDeviance:
 _LOG2PI = float(np.log(2.0 * np.pi))
 
 
+def canonical_theta(model: Any, theta: np.ndarray) -> np.ndarray:
+    """θ with non-negative diagonals: flipping the sign of a column of T_j leaves T_jT_j' (the
+    model) unchanged, so θ can be optimised without bounds and mapped back here."""
+    theta = np.array(theta, dtype=float, copy=True)
+    for t, sl in zip(model.terms, model.theta_slices):
+        th = theta[sl]
+        for c in range(t.k):
+            m = [i for i, (r, cc) in enumerate(t.tril) if cc == c]
+            d = [i for i in m if t.tril[i][0] == c][0]
+            if th[d] < 0:
+                th[m] = -th[m]
+        theta[sl] = th
+    return theta
+
+
 def _lbfgs(dev: _DenseDeviance, theta0: np.ndarray, lower: np.ndarray) -> tuple[np.ndarray, float, bool]:
-    """Bounded L-BFGS (NLopt) on the exact gradient from θ̂ of the original fit; a stall (roundoff,
-    failed line search) is polished by BOBYQA from the best point."""
+    """L-BFGS (NLopt) on the exact gradient from θ̂ of the original fit, without bounds (the deviance
+    is symmetric in the sign of each column of T_j; :func:`canonical_theta` maps back), so a variance
+    heading for 0 cannot stall on a bound; a stall on roundoff is polished by BOBYQA."""
     import nlopt
 
     best = {"f": np.inf, "x": np.asarray(theta0, dtype=float).copy()}
@@ -200,20 +216,18 @@ def _lbfgs(dev: _DenseDeviance, theta0: np.ndarray, lower: np.ndarray) -> tuple[
         return float(v)
 
     opt = nlopt.opt(nlopt.LD_LBFGS, theta0.size)
-    opt.set_lower_bounds(np.where(np.isfinite(lower), lower, -1e30))
     opt.set_min_objective(obj)
     opt.set_ftol_rel(1e-13)
     opt.set_xtol_abs(1e-9)
     opt.set_maxeval(500)
     ok = True
     try:
-        opt.optimize(np.maximum(theta0, np.where(np.isfinite(lower), lower, -np.inf)))
+        opt.optimize(np.asarray(theta0, dtype=float))
         ok = opt.last_optimize_result() > 0 and opt.last_optimize_result() != 5
     except Exception:  # roundoff / line-search failure: fall back below
         ok = False
-    at_bound = np.any(np.isfinite(lower) & (best["x"] - lower < 1e-4))
-    if not ok or at_bound:
-        # projected L-BFGS can stall on a bound: BOBYQA from the best point settles it
+    best["x"] = canonical_theta(dev.model, best["x"])
+    if not ok:
         from ..deterministic.optsummary import minimize_bounded
 
         step = np.maximum(0.1 * np.abs(theta0), 0.05)
@@ -267,6 +281,53 @@ class _Refitter:
         return self._row(bs.beta(), theta, sigma, opt.fmin, conv)
 
     def _glmm(self, m: Any) -> np.ndarray:
+        """Refit by the Laplace deviance (nAGQ ≤ 1) in (θ, β) from (θ̂, β̂) with its exact gradient
+        (bounded L-BFGS, β scaled by its standard errors); AGQ fits go through ``fit_glmm``."""
+        pl = self.p
+        if pl["method"] == "agq":
+            return self._glmm_full(m)
+        import nlopt
+
+        from ..deterministic.glmm import glmm_engine
+
+        eng = glmm_engine(m, pl["family"], hessian=pl.get("hessian", "observed"))
+        nt = len(pl["theta"])
+        fast = pl["method"] == "fast"
+        x0 = pl["theta"] if fast else np.concatenate([pl["theta"], pl["beta"]])
+        sc = np.ones(nt) if fast else np.concatenate([np.ones(nt), pl["se"]])
+        best = {"f": np.inf, "x": x0 / sc}
+
+        def obj(y, grad):
+            phi = np.asarray(y) * sc
+            val, g = eng.fast_grad(phi) if fast else eng.laplace(phi[:nt], phi[nt:], grad=True)
+            if not np.isfinite(val):
+                val, g = 1e300, np.zeros_like(phi)
+            if grad.size:
+                grad[:] = g * sc
+            if val < best["f"]:
+                best["f"], best["x"] = float(val), np.array(y, copy=True)
+            return float(val)
+
+        opt = nlopt.opt(nlopt.LD_LBFGS, x0.size)  # no bounds: the deviance is symmetric in θ's column signs
+        opt.set_min_objective(obj)
+        opt.set_ftol_rel(1e-13)
+        opt.set_xtol_abs(1e-9)
+        opt.set_maxeval(1000)
+        try:
+            opt.optimize(x0 / sc)
+            ok = 0 < opt.last_optimize_result() != 5
+        except Exception:  # roundoff at a tight tolerance: the best point is kept
+            ok = np.isfinite(best["f"])
+        phi = best["x"] * sc
+        phi[:nt] = canonical_theta(m, phi[:nt])
+        if fast:
+            st = eng.pirls_joint(phi)
+            theta, beta = phi, st.beta.copy()
+        else:
+            theta, beta = phi[:nt], phi[nt:]
+        return self._row(beta, theta, 1.0, best["f"], ok and eng.nonconverged == 0)
+
+    def _glmm_full(self, m: Any) -> np.ndarray:
         from ..deterministic.glmm import fit_glmm
 
         with warnings.catch_warnings():
@@ -450,6 +511,7 @@ def _payload(fit: Any, kind: str, resample: tuple[str, ...] | None) -> dict:
         pl["family"] = fit.family
         pl["nagq"] = int(fit.nagq)
         pl["method"] = "fast" if fit.nagq == 0 else ("laplace" if fit.nagq == 1 else "agq")
+        pl["se"] = np.maximum(np.sqrt(np.diag(fit._vcov)), 1e-8)
         if pl["method"] != "agq":
             pl["nagq"] = None
     if kind == "residual":
