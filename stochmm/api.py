@@ -36,7 +36,6 @@ ENTRY_POINTS: dict[str, str] = {
     "anova": "stochmm.inference.comparison:anova",
     "all_fit": "stochmm.inference.diagnostics:all_fit",
     "results.ddf_table": "stochmm.inference.ddf:ddf_coef_table",
-    "results.ddf_anova": "stochmm.inference.ddf:ddf_anova",
     "results.vcov_kr": "stochmm.inference.ddf:vcov_kr",
     "results.profile": "stochmm.inference.profile:profile",
     "results.bootstrap": "stochmm.inference.bootstrap:bootstrap",

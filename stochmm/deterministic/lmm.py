@@ -126,8 +126,8 @@ class LmmResults(MixedModelResults):
         """
         m = self.model
         coef = self.coef_table(ddf=ddf)
-        head = [f"Linear mixed model fit by {'REML' if self.reml else 'maximum likelihood'} "
-                + ("['lmerMod']" if ddf is None else f". t-tests use {_DDF_LABEL[coef.attrs['ddf']]}"
+        head = [f"Linear mixed model fit by {'REML' if self.reml else 'maximum likelihood'}"
+                + (" ['lmerMod']" if ddf is None else f". t-tests use {_DDF_LABEL[coef.attrs['ddf']]}"
                    " ['lmerModLmerTest']"),
                 f"Formula: {m.formula}", ""]
         if self.reml:
