@@ -9,9 +9,10 @@
 * **residual** (lmeresampler's ``resid``): y* = Xβ̂ + Σ_j Z_j b*_j + e*, with the
   centred conditional modes of each term resampled by level and the centred
   conditional residuals resampled by observation.
-* **case** (lmeresampler's ``case``): the levels of the named grouping factor
-  are resampled with replacement (clusters kept whole; each draw of a level is a new
-  level); the model is rebuilt for each replicate, since its design changes.
+* **case** (lmeresampler's ``case``): the levels of the named grouping factors are
+  resampled with replacement, outermost first and nested (each draw of a level is a
+  new level; ``".obs"`` resamples observations within the innermost drawn cluster);
+  the model is rebuilt for each replicate, since its design changes.
 
 Replicate ``i`` uses the ``i``-th child of ``numpy.random.SeedSequence(seed)``,
 so results are identical serially, across processes (``n_jobs``) and on a Dask
@@ -368,18 +369,37 @@ def _draw(payload: dict, kind: str, rng: np.random.Generator) -> tuple[np.ndarra
             y = y + np.einsum("ij,ij->i", t.z, star[t.refs])
         e = payload["resid"] - payload["resid"].mean()
         return y + e[rng.integers(0, model.n, model.n)], None
-    # case: resample levels of the named factor, clusters whole
-    g = payload["resample"][0]
+    # case: nested resampling at the named levels (outermost first), clusters kept whole below the last
     frame = payload["frame"]
-    codes = pd.Categorical(frame[g]).codes
-    nlev = int(codes.max()) + 1
-    pick = rng.integers(0, nlev, nlev)
-    rows_by = [np.flatnonzero(codes == k) for k in range(nlev)]
-    idx = np.concatenate([rows_by[k] for k in pick])
-    newg = np.concatenate([np.full(rows_by[k].size, f"{j}") for j, k in enumerate(pick)])
+    idx, labels = _resample_rows(frame, list(payload["resample"]), np.arange(len(frame)), rng)
     new = frame.iloc[idx].reset_index(drop=True)
-    new[g] = pd.Categorical(newg)
+    for g, lab in labels.items():
+        new[g] = pd.Categorical(lab)
     return None, (new, idx)
+
+
+def _resample_rows(frame: pd.DataFrame, levels: list[str], rows: np.ndarray,
+                   rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Resample the clusters of ``levels[0]`` within ``rows`` with replacement, then recursively the
+    clusters of the next level (or the observations, ``".obs"``) within each drawn cluster. Each draw
+    of a cluster becomes a new level (labels ``"3"``, ``"3.1"``, ...)."""
+    g = levels[0]
+    if g == ".obs":
+        return rng.choice(rows, rows.size, replace=True), {}
+    codes = pd.Categorical(frame[g].to_numpy()[rows]).codes
+    groups = [rows[codes == k] for k in range(int(codes.max()) + 1) if np.any(codes == k)]
+    pick = rng.integers(0, len(groups), len(groups))
+    out_idx, out_lab = [], {}
+    for j, k in enumerate(pick):
+        if len(levels) > 1:
+            sub, lab = _resample_rows(frame, levels[1:], groups[k], rng)
+        else:
+            sub, lab = groups[k], {}
+        out_idx.append(sub)
+        out_lab.setdefault(g, []).append(np.full(sub.size, str(j), dtype=object))
+        for h, v in lab.items():
+            out_lab.setdefault(h, []).append(np.asarray([f"{j}.{x}" for x in v], dtype=object))
+    return np.concatenate(out_idx), {h: np.concatenate(v) for h, v in out_lab.items()}
 
 
 def _replicate(payload: dict, kind: str, ss: np.random.SeedSequence, refitter: _Refitter | None) -> np.ndarray:
@@ -547,8 +567,11 @@ def bootstrap(fit: Any, nsim: int = 1000, seed: int | None = 0, type: str = "par
     type : {"parametric", "residual", "case"}
         Parametric (any model); residual and case bootstraps for LMMs.
     resample : str or tuple of str
-        Case bootstrap: the grouping factor whose levels are resampled (default: the
-        first grouping factor of the model).
+        Case bootstrap: the levels resampled, outermost first, as lmeresampler's
+        ``resample``: ``"Subject"`` resamples subjects (their observations kept whole);
+        ``("batch", "cask")`` resamples batches, then casks within each drawn batch;
+        ``("Subject", ".obs")`` also resamples observations within each drawn subject.
+        Default: the outermost grouping factor.
     progress : bool
         tqdm progress bar (quiet when not on a terminal).
     client : dask.distributed.Client, optional
@@ -643,23 +666,26 @@ def _check(fit: Any, nsim: Any, type: Any, n_jobs: Any) -> str:
 
 
 def _check_resample(fit: Any, kind: str, resample: Any) -> tuple[str, ...] | None:
-    groups = list(dict.fromkeys(t.group for t in fit.model.terms))
+    model = fit.model
+    gvars = list(dict.fromkeys(v for b in model.parsed.bars for v in b.group_vars))
     if resample is None:
-        return (groups[0],) if kind == "case" else None
+        if kind != "case":
+            return None
+        return (gvars[0] if len(model.terms[0].group.split(":")) == 1 else model.terms[-1].group.split(":")[0],)
     if isinstance(resample, str):
         resample = (resample,)
     resample = tuple(resample)
     for g in resample:
-        if g not in groups:
+        if g not in gvars and g != ".obs":
             import difflib
 
-            near = difflib.get_close_matches(str(g), groups, n=1)
+            near = difflib.get_close_matches(str(g), gvars, n=1)
             hint = f" Did you mean {near[0]!r}?" if near else ""
             raise ValueError(f"resample names {g!r}, which is not a grouping factor of the model "
-                             f"(grouping factors: {', '.join(groups)}).{hint}")
+                             f"(grouping factors: {', '.join(gvars)}; '.obs' for observations).{hint}")
     if kind != "case":
         raise ValueError(f"resample= applies to the case bootstrap; the {kind} bootstrap resamples every level")
-    if len(resample) != 1 or ":" in resample[0] or fit.model.frame is None:
-        raise ValueError("the case bootstrap resamples the levels of one grouping factor (a column of the data); "
-                         f"got {resample}")
+    if ".obs" in resample[:-1] or resample == (".obs",):
+        raise ValueError("'.obs' (observations) can only be the innermost level after a grouping factor, "
+                         "e.g. resample=('Subject', '.obs')")
     return resample

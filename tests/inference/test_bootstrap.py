@@ -142,3 +142,23 @@ class _quiet:
 
     def __exit__(self, *a):
         return self._c.__exit__(*a)
+
+
+def test_nested_case_bootstrap():
+    """lmeresampler-style nested resampling: batches, then casks within each drawn batch; with '.obs'
+    observations within each drawn subject. Each drawn cluster is a new level."""
+    from stochmm.inference.bootstrap import _resample_rows
+
+    d = sm.datasets.load("pastes")
+    rng = np.random.default_rng(0)
+    idx, lab = _resample_rows(d, ["batch", "cask"], np.arange(len(d)), rng)
+    assert idx.size == len(d) and set(lab) == {"batch", "cask"}
+    assert len(set(lab["batch"])) == 10 and len(set(lab["cask"])) == 30
+    fit = sm.lmer("strength ~ 1 + (1 | batch/cask)", d)
+    bt = fit.bootstrap(nsim=12, seed=1, type="case", resample=("batch", "cask"), progress=False)
+    assert bt.replicates["converged"].all()
+    sleep = sm.lmer("Reaction ~ Days + (Days | Subject)", sm.datasets.load("sleepstudy"))
+    b2 = sleep.bootstrap(nsim=8, seed=1, type="case", resample=("Subject", ".obs"), progress=False)
+    assert b2.replicates.shape[0] == 8
+    with pytest.raises(ValueError, match="innermost"):
+        sleep.bootstrap(nsim=2, type="case", resample=(".obs", "Subject"))
