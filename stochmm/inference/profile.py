@@ -427,10 +427,10 @@ def _profile(fit: Any, which: Any, level: float, delta: float | None) -> Profile
         est = np.concatenate([vc, fit._beta])
         nt = vc.size
         scalar = all(t.k == 1 for t in model.terms)
-        base = eng.laplace(fit.theta, fit._beta)[0] if fit.nagq <= 1 else fit.objective
-        if fit.nagq > 1:
-            raise ValueError("profiling an AGQ fit (nagq > 1) is not available; profile the Laplace fit "
-                             "(method='laplace') instead")
+        if fit.nagq != 1:
+            raise ValueError(f"profiling is available for Laplace GLMM fits (nagq=1); this fit has nagq={fit.nagq}: "
+                             "profile the Laplace fit (method='laplace') instead")
+        base = eng.laplace(fit.theta, fit._beta)[0]
     lower, upper = _bounds(model, names, lmm)
     se = _scales(fit, est, names, model, lmm)
     rows, ivals = [], {}

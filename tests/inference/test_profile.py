@@ -76,3 +76,9 @@ class _nullcontext:
 
     def __exit__(self, *a):
         return False
+
+
+def test_profile_needs_a_laplace_glmm():
+    fit = sm.glmer("cbind(incidence, size - incidence) ~ period + (1 | herd)", sm.datasets.load("cbpp"), nagq=0)
+    with pytest.raises(ValueError, match="Laplace"):
+        fit.profile()
