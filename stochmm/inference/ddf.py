@@ -48,7 +48,7 @@ DDF_METHODS = {
     "bw": "between-within",
 }
 
-_KR_MAX_N = 5000
+_KR_MAX_Q = 6000
 
 
 def check_ddf(fit: Any, ddf: Any) -> str:
@@ -200,51 +200,79 @@ def _satt_df_1d(fit: Any, l: np.ndarray) -> tuple[float, float]:
 # Kenward–Roger (pbkrtest's vcovAdj, Lb_ddf, KRmodcomp)
 # =============================================================================================
 def _kr_parts(fit: Any) -> dict:
+    """pbkrtest's ``vcovAdj`` in the random-effects space (no n × n matrix).
+
+    With Z̃ = W½Z, X̃ = W½X, V̄ = I + Z̃ΛΛ'Z̃' (Σ = σ²W^-½V̄W^-½), the covariance components
+    G_r = Z̃D_rZ̃' (D_r = I ⊗ (e_ae_b' + e_be_a') on the term's block) and G_σ² = I,
+    everything pbkrtest forms from Σ⁻¹ is a q × q or p × p product of A = Z̃'Z̃,
+    F = Z̃'X̃ and R = ΛM⁻¹Λ' (M = Λ'AΛ + I): V̄⁻¹ = I − Z̃RZ̃'.
+    """
     cache = fit.__dict__.setdefault("_inference_cache", {})
     if "kr" in cache:
         return cache["kr"]
     model = fit.model
-    n, p = model.n, model.p
-    if n > _KR_MAX_N:
-        raise DesignError(f"Kenward-Roger forms n x n matrices (as pbkrtest does); n = {n} > {_KR_MAX_N}. "
-                          "Use ddf='satterthwaite', which works in the random-effects space")
-    X = model.X
+    n, p, q = model.n, model.p, model.q
+    if q > _KR_MAX_Q:
+        raise DesignError(f"Kenward-Roger here forms q x q matrices; q = {q} > {_KR_MAX_Q}. "
+                          "Use ddf='satterthwaite'")
+    sw = np.sqrt(model.prior_weights)
+    Zt = sp.diags(sw) @ sp.csc_matrix(model.Z)
+    Xt = model.X * sw[:, None]
+    A = (Zt.T @ Zt).toarray()
+    F = np.asarray(Zt.T @ Xt)
+    XX = Xt.T @ Xt
     s2 = fit.sigma**2
-    Gs, gam = [], []
-    for t, zs, T in zip(model.terms, model.z_slices, model.lambda_blocks(fit.theta)):
-        Zg = sp.csc_matrix(model.Z[:, zs])
-        cov = s2 * (T @ T.T)
-        for a, b in t.tril:  # lower triangle, column-major (θ order)
+    rows, cols, idx = _lambda_index(model)
+    Lam = sp.csr_matrix((fit.theta[idx], (rows, cols)), shape=(q, q)).toarray()
+    M = Lam.T @ A @ Lam + np.eye(q)
+    cf = sla.cho_factor(M, lower=True)
+    R = Lam @ sla.cho_solve(cf, Lam.T)
+    I_AR = np.eye(q) - A @ R
+    K1 = A - A @ R @ A                      # Z̃'V̄⁻¹Z̃
+    K2 = I_AR @ A @ I_AR.T                   # Z̃'V̄⁻²Z̃
+    B1 = I_AR @ F                            # Z̃'V̄⁻¹X̃
+    B2 = I_AR @ B1                           # Z̃'V̄⁻²X̃
+    FRF = F.T @ R @ F
+    C2 = XX - 2 * FRF + F.T @ R @ A @ R @ F  # X̃'V̄⁻²X̃
+    C3 = C2 - B1.T @ R @ B1                  # X̃'V̄⁻³X̃  (Y = V̄⁻¹X̃: Y'Y − (Z̃'Y)'R(Z̃'Y))
+    RA = R @ A
+    trV2 = n - 2 * np.trace(RA) + np.sum(RA * RA.T)
+    # covariance components: per term, the lower-triangle elements of its covariance, then σ²
+    Ds = []
+    for t, zs in zip(model.terms, model.z_slices):
+        for a_, b_ in t.tril:
             E = np.zeros((t.k, t.k))
-            E[a, b] = E[b, a] = 1.0
-            D = sp.kron(sp.identity(t.nlev), sp.csr_matrix(E))
-            Gs.append(np.asarray((Zg @ D @ Zg.T).toarray()))
-            gam.append(cov[a, b])
-    Gs.append(np.diag(1.0 / model.prior_weights))
-    gam.append(s2)
-    Sigma = sum(g * G for g, G in zip(gam, Gs))
-    cf = sla.cho_factor(Sigma, lower=True)
-    Si = sla.cho_solve(cf, np.eye(n))
-    TT = Si @ X
-    Phi = fit._vcov
-    HH = [G @ Si for G in Gs]
-    OO = [H @ X for H in HH]
-    m = len(Gs)
-    P = [-(O.T @ TT) for O in OO]
+            E[a_, b_] = E[b_, a_] = 1.0
+            D = sp.lil_matrix((q, q))
+            D[zs, zs] = sp.kron(sp.identity(t.nlev), sp.csr_matrix(E))
+            Ds.append(D.tocsr())
+    m = len(Ds) + 1
+    DB = [np.asarray(D @ B1) for D in Ds]
+    DK = [np.asarray(D @ K1) for D in Ds]
+    P = [-(B1.T @ d) / s2**2 for d in DB] + [-C2 / s2**2]
     P = [(x + x.T) / 2 for x in P]
-    Q = {(r, s): OO[r].T @ Si @ OO[s] for r in range(m) for s in range(r, m)}
+    Q: dict[tuple[int, int], np.ndarray] = {}
+    Kt = np.empty((m, m))
+    for r in range(m - 1):
+        for s_ in range(r, m - 1):
+            Q[r, s_] = DB[r].T @ K1 @ DB[s_] / s2**3
+            Kt[r, s_] = Kt[s_, r] = float(np.sum(DK[r] * DK[s_].T)) / s2**2
+        Q[r, m - 1] = DB[r].T @ B2 / s2**3
+        Kt[r, m - 1] = Kt[m - 1, r] = float(np.sum(Ds[r].multiply(K2.T))) / s2**2
+    Q[m - 1, m - 1] = C3 / s2**3
+    Kt[m - 1, m - 1] = trV2 / s2**2
+    Phi = fit._vcov
     IE2 = np.empty((m, m))
     for r in range(m):
-        for s in range(r, m):
-            kt = float(np.sum(HH[r].T * HH[s]))
-            IE2[r, s] = IE2[s, r] = kt - 2 * np.sum(Phi * Q[r, s]) + np.sum((Phi @ P[r]) * (P[s] @ Phi))
+        for s_ in range(r, m):
+            IE2[r, s_] = IE2[s_, r] = Kt[r, s_] - 2 * np.sum(Phi * Q[r, s_]) + np.sum((Phi @ P[r]) * (P[s_] @ Phi))
     condi = float(np.min(np.abs(np.linalg.eigvalsh(IE2))))
     W = 2 * (np.linalg.inv(IE2) if condi > 1e-10 else np.linalg.pinv(IE2))
     W = (W + W.T) / 2
     U = np.zeros((p, p))
     for r in range(m - 1):
-        for s in range(r + 1, m):
-            U += W[r, s] * (Q[r, s] - P[r] @ Phi @ P[s])
+        for s_ in range(r + 1, m):
+            U += W[r, s_] * (Q[r, s_] - P[r] @ Phi @ P[s_])
     U = U + U.T
     for r in range(m):
         U += W[r, r] * (Q[r, r] - P[r] @ Phi @ P[r])
