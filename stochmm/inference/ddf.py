@@ -106,7 +106,16 @@ def _lambda_index(model: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.concatenate(rows), np.concatenate(cols), np.concatenate(idx)
 
 
-def _satterthwaite_parts(fit: Any) -> tuple[np.ndarray, np.ndarray]:
+def _satterthwaite_parts(fit: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A, J, H) for Satterthwaite's df, cached on the fit (see :func:`_satterthwaite_compute`)."""
+    cache = fit.__dict__.setdefault("_inference_cache", {})
+    if "satterthwaite" not in cache:
+        with _threads(fit.model):
+            cache["satterthwaite"] = _satterthwaite_compute(fit)
+    return cache["satterthwaite"]
+
+
+def _satterthwaite_compute(fit: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(A, J): vcov of varpar = (θ, σ) (2 H⁻¹, lmerTest's) and ∂Var(β̂)/∂varpar (p, p, nvarpar).
 
     Exact first and second derivatives in the random-effects space. With
@@ -119,9 +128,6 @@ def _satterthwaite_parts(fit: Any) -> tuple[np.ndarray, np.ndarray]:
     * r² = y'Py: ∂ = −a'D_ia, ∂² = 2a'D_iK_PD_ja − a'D_ija;
     * ∂Var(β̂)/∂θ_i = σ²C⁻¹B'D_iBC⁻¹, ∂Var(β̂)/∂σ = 2σC⁻¹.
     """
-    cache = fit.__dict__.setdefault("_inference_cache", {})
-    if "satterthwaite" in cache:
-        return cache["satterthwaite"]
     model = fit.model
     cp = _cross_products(model, fit._beta)
     rows, cols, idx = _lambda_index(model)
@@ -185,8 +191,7 @@ def _satterthwaite_parts(fit: Any) -> tuple[np.ndarray, np.ndarray]:
                       "Satterthwaite df use its positive part", UserWarning, stacklevel=4)
     pos = evals > tol
     Avp = 2.0 * (evecs[:, pos] / evals[pos]) @ evecs[:, pos].T
-    cache["satterthwaite"] = (Avp, J, H)
-    return cache["satterthwaite"]
+    return Avp, J, H
 
 
 def _satt_df_1d(fit: Any, l: np.ndarray) -> tuple[float, float]:
@@ -199,7 +204,22 @@ def _satt_df_1d(fit: Any, l: np.ndarray) -> tuple[float, float]:
 # =============================================================================================
 # Kenward–Roger (pbkrtest's vcovAdj, Lb_ddf, KRmodcomp)
 # =============================================================================================
+def _threads(model: Any):
+    """One BLAS thread for small random-effects spaces (thread hand-off costs more than the work)."""
+    from ..deterministic.pirls import blas_threads
+
+    return blas_threads(1 if model.q + model.p <= 600 else None)
+
+
 def _kr_parts(fit: Any) -> dict:
+    cache = fit.__dict__.setdefault("_inference_cache", {})
+    if "kr" not in cache:
+        with _threads(fit.model):
+            cache["kr"] = _kr_compute(fit)
+    return cache["kr"]
+
+
+def _kr_compute(fit: Any) -> dict:
     """pbkrtest's ``vcovAdj`` in the random-effects space (no n × n matrix).
 
     With Z̃ = W½Z, X̃ = W½X, V̄ = I + Z̃ΛΛ'Z̃' (Σ = σ²W^-½V̄W^-½), the covariance components
@@ -207,9 +227,6 @@ def _kr_parts(fit: Any) -> dict:
     everything pbkrtest forms from Σ⁻¹ is a q × q or p × p product of A = Z̃'Z̃,
     F = Z̃'X̃ and R = ΛM⁻¹Λ' (M = Λ'AΛ + I): V̄⁻¹ = I − Z̃RZ̃'.
     """
-    cache = fit.__dict__.setdefault("_inference_cache", {})
-    if "kr" in cache:
-        return cache["kr"]
     model = fit.model
     n, p, q = model.n, model.p, model.q
     if q > _KR_MAX_Q:
@@ -277,9 +294,7 @@ def _kr_parts(fit: Any) -> dict:
     for r in range(m):
         U += W[r, r] * (Q[r, r] - P[r] @ Phi @ P[r])
     PhiA = Phi + 2 * Phi @ U @ Phi
-    out = {"PhiA": (PhiA + PhiA.T) / 2, "P": P, "W": W, "Phi": Phi}
-    cache["kr"] = out
-    return out
+    return {"PhiA": (PhiA + PhiA.T) / 2, "P": P, "W": W, "Phi": Phi}
 
 
 def _kr_adjust(fit: Any, Lm: np.ndarray) -> dict:
