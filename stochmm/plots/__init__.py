@@ -4,10 +4,11 @@ Each function takes a results object or a tidy table and returns a matplotlib Fi
 imported when a function is called.
 """
 
-# -- inference
-from .profile import bootstrap_hist as bootstrap_hist
-from .profile import profile_zeta as profile_zeta
 from .ranef import caterpillar
+
+# -- inference
+# isort: split
+from .profile import bootstrap_hist, profile_zeta  # noqa: F401
 
 # -- importance sampling
 
