@@ -29,8 +29,6 @@ from .optsummary import OptSummary, check_convergence, minimize_bounded
 __all__ = ["ProfiledDeviance", "LmmResults", "fit_lmm", "lmer"]
 
 _LOG2PI = float(np.log(2.0 * np.pi))
-_DDF_LABEL = {"satterthwaite": "Satterthwaite's method", "kenward-roger": "Kenward-Roger's method",
-              "between-within": "the between-within method"}
 
 
 class ProfiledDeviance:
@@ -93,6 +91,9 @@ class LmmResults(MixedModelResults):
     def scaled_residuals(self) -> np.ndarray:
         return self.residuals * np.sqrt(self.model.prior_weights) / self.sigma
 
+    _ddf_label = {"satterthwaite": "Satterthwaite's method", "kenward-roger": "Kenward-Roger's method",
+                  "between-within": "the between-within method"}
+
     def simulate(self, nsim: int = 1, seed: int | np.random.Generator | None = None,
                  use_u: bool = False) -> pd.DataFrame:
         """simulate(nsim=1, seed=None, use_u=False) -> DataFrame
@@ -127,7 +128,7 @@ class LmmResults(MixedModelResults):
         m = self.model
         coef = self.coef_table(ddf=ddf)
         head = [f"Linear mixed model fit by {'REML' if self.reml else 'maximum likelihood'}"
-                + (" ['lmerMod']" if ddf is None else f". t-tests use {_DDF_LABEL[coef.attrs['ddf']]}"
+                + (" ['lmerMod']" if ddf is None else f". t-tests use {self._ddf_label[coef.attrs['ddf']]}"
                    " ['lmerModLmerTest']"),
                 f"Formula: {m.formula}", ""]
         if self.reml:
