@@ -34,6 +34,13 @@ ENTRY_POINTS: dict[str, str] = {
     # -- inference
 
     "anova": "stochmm.inference.comparison:anova",
+    "all_fit": "stochmm.inference.diagnostics:all_fit",
+    "results.ddf_table": "stochmm.inference.ddf:ddf_coef_table",
+    "results.vcov_kr": "stochmm.inference.ddf:vcov_kr",
+    "results.profile": "stochmm.inference.profile:profile",
+    "results.bootstrap": "stochmm.inference.bootstrap:bootstrap",
+    "results.rePCA": "stochmm.inference.diagnostics:rePCA",
+    "results.influence": "stochmm.inference.diagnostics:influence",
 
     # -- stochastic: posterior
 

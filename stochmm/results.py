@@ -391,11 +391,32 @@ class MixedModelResults:
                 eta = eta + contrib
         return eta if type == "link" else self._linkinv(eta)
 
-    def confint(self, level: float = 0.95) -> pd.DataFrame:
-        """confint(level=0.95) -> DataFrame
+    def confint(self, level: float = 0.95, method: str = "wald", **options) -> pd.DataFrame:
+        """confint(level=0.95, method="wald", **options) -> DataFrame
 
-        Wald intervals for the fixed effects (lme4's ``confint(fit, method = "Wald")``).
+        Confidence intervals, as lme4's ``confint(fit, method=)``: ``"wald"`` for the
+        fixed effects (normal quantiles); ``"profile"``: profile-likelihood intervals
+        for the SDs/correlations, σ and β (:func:`stochmm.inference.profile.profile`;
+        options ``which=``); ``"boot"``: parametric-bootstrap percentile intervals
+        (:func:`stochmm.inference.bootstrap.bootstrap`; options ``nsim=``, ``seed=``,
+        ``type=``, ``ci=``, ...).
         """
+        if not isinstance(level, (int, float)) or not 0 < level < 1:
+            raise ValueError(f"level must be a number in (0, 1), got {level!r}")
+        m = str(method).lower()
+        if m == "profile":
+            from . import api
+
+            return api.resolve("results.profile")(self, level=level, **options).confint(level)
+        if m in ("boot", "bootstrap"):
+            from . import api
+
+            ci = options.pop("ci", "percentile")
+            return api.resolve("results.bootstrap")(self, **options).confint(level=level, method=ci)
+        if m != "wald":
+            raise ValueError(f"method must be 'wald', 'profile' or 'boot', not {method!r}")
+        if options:
+            raise TypeError(f"unexpected options for Wald intervals: {', '.join(options)}")
         from scipy.stats import norm
 
         z = norm.ppf(0.5 + level / 2)
@@ -403,12 +424,72 @@ class MixedModelResults:
         return pd.DataFrame({lo: self.fixef - z * self.se, hi: self.fixef + z * self.se})
 
     # -- inference (stochmm.inference, through stochmm.api) --------------------------------------
+    def profile(self, which=None, level: float = 0.95, **options):
+        """profile(which=None, level=0.95, **options) -> Profile
+
+        Profile likelihood as lme4's ``profile``: tidy (parameter, value, zeta) on the
+        SD/correlation scale; ``.confint()`` gives the intervals. See
+        :func:`stochmm.inference.profile.profile`.
+        """
+        from . import api
+
+        return api.resolve("results.profile")(self, which=which, level=level, **options)
+
+    def bootstrap(self, nsim: int = 1000, seed=0, type: str = "parametric", **options):
+        """bootstrap(nsim=1000, seed=0, type="parametric", resample=None, progress=True, client=None) -> Bootstrap
+
+        Parametric (any model), residual or case (LMMs) bootstrap; a tidy replicate
+        table with ``.confint(method=)``. See :func:`stochmm.inference.bootstrap.bootstrap`.
+        """
+        from . import api
+
+        return api.resolve("results.bootstrap")(self, nsim=nsim, seed=seed, type=type, **options)
+
+    def vcov_kr(self) -> pd.DataFrame:
+        """vcov_kr() -> DataFrame
+
+        Kenward–Roger adjusted covariance of the fixed effects (pbkrtest's ``vcovAdj``).
+        """
+        from . import api
+
+        return api.resolve("results.vcov_kr")(self)
+
+    def rePCA(self) -> pd.DataFrame:
+        """rePCA() -> DataFrame
+
+        lme4's ``rePCA``: singular values of each grouping factor's relative covariance
+        factor (group, component, sdev, proportion, cumulative), to see a singular
+        fit's effective dimension. See :func:`stochmm.inference.diagnostics.rePCA`.
+        """
+        from . import api
+
+        return api.resolve("results.rePCA")(self)
+
+    def influence(self) -> pd.DataFrame:
+        """influence() -> DataFrame
+
+        Leverage (lme4's ``hatvalues``) and Cook's distance (lme4's ``cooks.distance``)
+        per observation of a linear mixed model. See :func:`stochmm.inference.diagnostics.influence`.
+        """
+        from . import api
+
+        return api.resolve("results.influence")(self)
+
 
     # -- approximation audit (stochmm.stochastic, through stochmm.api) ----------------------------
 
     # -- summary pieces -------------------------------------------------------------------------
-    def coef_table(self) -> pd.DataFrame:
-        """Estimate, Std. Error and t (LMM) or z value with Pr(>|z|) (GLMM)."""
+    def coef_table(self, ddf: str | None = None) -> pd.DataFrame:
+        """coef_table(ddf=None) -> DataFrame
+
+        Estimate, Std. Error and t (LMM) or z value with Pr(>|z|) (GLMM). With
+        ``ddf="satterthwaite" | "kenward-roger" | "between-within"`` (LMMs): df, t
+        value and Pr(>|t|) as lmerTest prints them (:mod:`stochmm.inference.ddf`).
+        """
+        if ddf is not None:
+            from . import api
+
+            return api.resolve("results.ddf_table")(self, ddf)
         est, se = self.fixef, self.se
         df = pd.DataFrame({"Estimate": est, "Std. Error": se})
         if self._dispersion:

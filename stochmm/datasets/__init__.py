@@ -35,6 +35,7 @@ _CATALOGUE: dict[str, tuple[str, str]] = {
     "insteval": ("InstEval", "ETH Zurich lecture evaluations (73421 ratings, crossed s x d); lme4."),
     "pastes": ("Pastes", "Paste strength by batch and cask (nested, 10 x 3 x 2); lme4."),
     "penicillin": ("Penicillin", "Penicillin assay diameters (24 plates x 6 samples, crossed); lme4."),
+    "cake": ("cake", "Breakage angle of chocolate cakes by recipe, replicate and baking temperature; lme4."),
     "oats": ("Oats", "Split-plot oats yield trial (6 blocks, 3 varieties, 4 nitrogen levels); nlme."),
 }
 

@@ -92,14 +92,45 @@ class LmmResults(MixedModelResults):
         """Residuals scaled by σ/√w (lme4's ``residuals(fit, scaled = TRUE)``)."""
         return self.residuals * np.sqrt(self.model.prior_weights) / self.sigma
 
-    def summary(self) -> Summary:
-        """summary() -> Summary
+    _ddf_label = {"satterthwaite": "Satterthwaite's method", "kenward-roger": "Kenward-Roger's method",
+                  "between-within": "the between-within method"}
+
+    def simulate(self, nsim: int = 1, seed: int | np.random.Generator | None = None,
+                 use_u: bool = False) -> pd.DataFrame:
+        """simulate(nsim=1, seed=None, use_u=False) -> DataFrame
+
+        Responses simulated from the fitted model, one column per simulation
+        (``sim_1``, ...), as lme4's ``simulate(fit, nsim, seed)``:
+        new random effects each time, or (``use_u=True``) the conditional modes kept
+        (lme4's ``use.u = TRUE``). Draws come from :meth:`stochmm.Model.simulate` at
+        (β̂, θ̂, σ̂).
+
+        Examples
+        --------
+        >>> import stochmm as sm
+        >>> fit = sm.lmer("Yield ~ 1 + (1 | Batch)", sm.datasets.load("dyestuff"))
+        >>> fit.simulate(2, seed=1).shape
+        (30, 2)
+        """
+        if not isinstance(use_u, (bool, np.bool_)):
+            raise TypeError(f"use_u must be True or False, not {use_u!r}")
+        b = self._b / self.sigma if use_u else None
+        sims = self.model.simulate(self._beta, self.theta, self.sigma, nsim=nsim, seed=seed, b=b)
+        return pd.DataFrame(sims, columns=[f"sim_{s + 1}" for s in range(sims.shape[1])])
+
+    def summary(self, ddf: str | None = None) -> Summary:
+        """summary(ddf=None) -> Summary
 
         The text lme4's ``summary(lmer(...))`` prints: criterion, scaled residuals,
-        random effects, fixed effects with t values and their correlations.
+        random effects, fixed effects with t values and their correlations. With
+        ``ddf="satterthwaite" | "kenward-roger" | "between-within"`` the fixed-effects
+        table has lmerTest's df and Pr(>|t|) columns.
         """
         m = self.model
-        head = [f"Linear mixed model fit by {'REML' if self.reml else 'maximum likelihood'} ['lmerMod']",
+        coef = self.coef_table(ddf=ddf)
+        head = [f"Linear mixed model fit by {'REML' if self.reml else 'maximum likelihood'}"
+                + (" ['lmerMod']" if ddf is None else f". t-tests use {self._ddf_label[coef.attrs['ddf']]}"
+                   " ['lmerModLmerTest']"),
                 f"Formula: {m.formula}", ""]
         if self.reml:
             head.append(f"REML criterion at convergence: {self.objective:.1f}")
@@ -107,7 +138,7 @@ class LmmResults(MixedModelResults):
             head += self._ic_lines(self.objective)
         head += ["", "Scaled residuals: ", self._residual_quantiles(self.scaled_residuals), "",
                  "Random effects:", self._random_effects_text(), "", "Fixed effects:",
-                 format_coef_table(self.coef_table())]
+                 format_coef_table(coef)]
         corr = self._fixef_corr_text()
         if corr:
             head += ["", corr]
@@ -115,7 +146,7 @@ class LmmResults(MixedModelResults):
             head += ["", "boundary (singular) fit: see is_singular"]
         if m.dropped_columns:
             head += [f"fixed-effect model matrix is rank deficient so dropping {len(m.dropped_columns)} columns / coefficients"]
-        return Summary("\n".join(head), {"coefficients": self.coef_table(), "varcorr": self.varcorr})
+        return Summary("\n".join(head), {"coefficients": coef, "varcorr": self.varcorr})
 
 
 #: optimizer options fit_lmm passes to BOBYQA (stochmm.deterministic.optsummary.minimize_bounded)

@@ -7,6 +7,8 @@ imported when a function is called.
 from .ranef import caterpillar
 
 # -- inference
+# isort: split
+from .profile import bootstrap_hist, profile_zeta  # noqa: F401
 
 # -- importance sampling
 

@@ -31,12 +31,44 @@ def test_anova_refits_with_ml_and_matches_lme4(fits):
     assert list(sm.anova(fits[1], fits[0])["npar"]) == [5, 6]
 
 
-def test_anova_needs_two_fits_on_the_same_data(fits):
-    with pytest.raises(ValueError, match="at least two"):
-        sm.anova(fits[0])
-    other = sm.lmer("Reaction ~ Days + (1 | Subject)", sm.datasets.load("sleepstudy").iloc[:170])
-    with pytest.raises(ValueError, match="different numbers of observations"):
+def test_anova_refuses_fits_that_do_not_compare(fits):
+    """As R: nested-model tests need the same response on the same observations (issue 8, item 1.8)."""
+    with pytest.raises(ValueError, match="needs a fit"):
+        sm.anova()
+    d = sm.datasets.load("sleepstudy")
+    other = sm.lmer("Reaction ~ Days + (1 | Subject)", d.iloc[:170])
+    with pytest.raises(ValueError, match="not all fitted to the same size of dataset"):
         sm.anova(fits[0], other)
+    d["logR"] = np.log(d["Reaction"])
+    logfit = sm.lmer("logR ~ Days + (Days | Subject)", d)
+    with pytest.raises(ValueError, match="different responses"):
+        sm.anova(fits[0], logfit)
+    d2 = sm.datasets.load("sleepstudy")
+    d2["Reaction"] = d2["Reaction"].to_numpy()[::-1]
+    with pytest.raises(ValueError, match="different values"):
+        sm.anova(fits[0], sm.lmer("Reaction ~ Days + (Days | Subject)", d2))
+    with pytest.raises(TypeError, match="fitted models"):
+        sm.anova(fits[0], "fit")
+    with pytest.raises(ValueError, match="method must be"):
+        sm.anova(*fits, method="boot")
+    with pytest.raises(ValueError, match="nsim must be a positive integer"):
+        sm.anova(*fits, method="pboot", nsim=0)
+
+
+def test_pboot_lrt_for_a_random_slope():
+    """PBmodcomp-style test: bootstrap p-value next to the chi-square one, reproducible by seed and
+    identical with two processes; under H0 the bootstrap LRT is near chi-square(1)-ish, so both p-values
+    for this tiny effect are large."""
+    d = sm.datasets.load("sleepstudy")
+    f0 = sm.lmer("Reaction ~ Days + (1 | Subject)", d, reml=False)
+    f1 = sm.lmer("Reaction ~ Days + (Days | Subject)", d, reml=False)
+    a = sm.anova(f0, f1, method="pboot", nsim=40, seed=3, progress=False)
+    assert {"Pr(>Chisq)", "Pr(>Chisq) pboot", "nsim"} <= set(a.columns)
+    p = a["Pr(>Chisq) pboot"].iloc[1]
+    # the random slope is strongly supported: no bootstrap LRT reaches the observed 42.1
+    assert a["Chisq"].iloc[1] > 40 and p == pytest.approx(1 / 41)
+    b = sm.anova(f0, f1, method="pboot", nsim=40, seed=3, progress=False, n_jobs=2)
+    assert b["Pr(>Chisq) pboot"].iloc[1] == p
 
 
 def test_wald_confint(fits):
