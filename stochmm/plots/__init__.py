@@ -9,7 +9,8 @@ from .ranef import caterpillar
 # -- inference
 
 # -- importance sampling
+from .approximation import approximation_error
 
 # -- accuracy studies
 
-__all__ = ["caterpillar"]
+__all__ = ["caterpillar", "approximation_error"]

@@ -412,6 +412,8 @@ def _summarise(lw: np.ndarray, plan: _Draws) -> dict:
     var_log = gm.var(axis=1, ddof=1) / G if G > 1 else np.full(B, np.nan)  # Var(p̂)/p̂²
     ess = S / np.mean(r * r, axis=1)
     khat = pareto_khat(lw)
+    flat = np.ptp(lw, axis=1) <= 1e-9 * (1.0 + np.abs(lmean))  # constant weights: the proposal is exact
+    khat[flat] = -np.inf
     return {"logp": lmean, "var": var_log, "ess": ess, "khat": khat}
 
 
@@ -462,7 +464,7 @@ def importance_sample(model: Any, beta: np.ndarray, theta: np.ndarray, sigma: fl
     s = _summarise(lw, plan)
     val = float(s["logp"].sum() + eng.const)
     mcse = float(np.sqrt(np.sum(s["var"])))
-    kmax_at = int(np.nanargmax(np.where(np.isfinite(s["khat"]), s["khat"], 1e300))) if s["khat"].size else 0
+    kmax_at = int(np.argmax(np.nan_to_num(s["khat"], nan=np.inf)))
     khat = float(s["khat"][kmax_at])
     if joint:
         level = None
@@ -490,7 +492,7 @@ def _check_weights(ll: LogLik, model: Any) -> None:
     where = ""
     if ll.details.get("khat_level") is not None:
         where = f" at level {ll.details['khat_level']!r} of {model.terms[0].group!r}"
-    if not np.isfinite(ll.khat) or ll.khat > 0.7:
+    if ll.khat > 0.7 or np.isnan(ll.khat):
         warnings.warn(
             f"importance weights are unreliable: Pareto k̂ = {ll.khat:.2f}{where} (> 0.7), so the Monte Carlo SE "
             f"({ll.mcse:.3g}) cannot be trusted. Use proposal='t' with a smaller df (heavier tails), more draws, "
