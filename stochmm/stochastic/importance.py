@@ -436,8 +436,8 @@ def importance_sample(model: Any, beta: np.ndarray, theta: np.ndarray, sigma: fl
     ...              family="binomial")
     >>> ll = importance_sample(m, np.array([-1.3985, -0.9923, -1.1287, -1.5803]), np.array([0.642]),
     ...                        draws=2000, seed=1)
-    >>> abs(ll.deviance - 184.04) < 0.05, ll.mcse < 0.01
-    (True, True)
+    >>> round(ll.deviance, 1), ll.mcse < 0.01   # Laplace: 184.05
+    (184.0, True)
     """
     from ..deterministic.pirls import BlockedEngine, make_engine
 
@@ -745,10 +745,10 @@ def loglik(model: Any, params: Any, method: str = "is", *, draws: int = 10_000, 
     >>> import stochmm as sm
     >>> fit = sm.glmer("cbind(incidence, size - incidence) ~ period + (1 | herd)", sm.datasets.load("cbpp"))
     >>> ll = fit.model.loglik(fit, method="is", draws=2000, seed=1)
-    >>> round(fit.loglik - float(ll), 2)    # Laplace is 0.0? below the IS value on cbpp
-    0.0...
-    >>> round(float(fit.model.loglik(fit, method="laplace")) - fit.loglik, 10)
-    0.0
+    >>> float(ll) > fit.loglik     # the Laplace approximation is a little low on cbpp
+    True
+    >>> abs(float(fit.model.loglik(fit, method="laplace")) - fit.loglik) < 1e-9
+    True
     """
     t0 = time.perf_counter()
     key, nq = _check_method(method, model)
