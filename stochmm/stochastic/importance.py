@@ -505,7 +505,7 @@ def _check_weights(ll: LogLik, model: Any) -> None:
 def _progress(total: int, progress: bool | None, desc: str):
     import sys
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     show = (sys.stderr.isatty() and total > 4) if progress is None else bool(progress)
     return tqdm(total=total, desc=desc, disable=not show, leave=False)
