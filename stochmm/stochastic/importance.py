@@ -17,9 +17,16 @@ with z ~ N(0, I), or multivariate Student-t with ``df`` degrees of freedom (heav
   per-level variances: Var(log p̂_l) ≈ Var(p̂_l)/p̂_l² (delta method), summed over the
   independent levels.
 * **Crossed or several factors** (:class:`~stochmm.deterministic.pirls.BlockedEngine`): one
-  joint proposal in q dimensions from the blocked factor of H (a diagonal block per level of
-  the first factor, a sparse block below it, a dense remainder): x = L⁻ᵀz by two triangular
-  solves with many right-hand sides, in chunks of draws; no q × q inverse is formed.
+  joint proposal in q dimensions from the blocked factor of H = LL' (a diagonal block per level
+  of the first factor, a sparse block S below it, a dense remainder Lrr): the crossed effects
+  v = ũ_r + Lrr⁻ᵀz_r, then the first factor's effects from their Gaussian conditional
+  ũ_0 + L0⁻ᵀ(z_0 − S'Lrr⁻ᵀz_r) — triangular solves with many right-hand sides, in chunks of
+  draws; no q × q matrix is formed. Given v the integrand factorises over the levels of the first
+  factor, so each outer draw carries ``inner`` conditional draws per level (a randomly shifted
+  1-D lattice for scalar effects) averaged level by level before the product (unbiased; the
+  per-level noise no longer compounds over hundreds of levels), and ``adapt`` pilot rounds
+  re-centre the proposal of v at its importance-sampling posterior mean (on VerbAgg the Laplace
+  mean of the item effects is off by up to 0.6 SD). ``draws`` counts outer draws there.
 
 Variance reduction: ``antithetic=True`` pairs z with −z; ``qmc=True`` uses scrambled Sobol
 points (:mod:`scipy.stats.qmc`) with ``randomizations`` independent scramblings (and, per
@@ -420,14 +427,16 @@ def _summarise(lw: np.ndarray, plan: _Draws) -> dict:
 def importance_sample(model: Any, beta: np.ndarray, theta: np.ndarray, sigma: float | None = None, *,
                       draws: int = 10_000, seed: Any = None, proposal: str = "t", df: float = 7.0,
                       qmc: bool | None = None, antithetic: bool = False, randomizations: int = 16,
-                      inner: int = 1, family: Family | None = None, engine: str = "auto",
+                      inner: int = 8, adapt: int = 2, family: Family | None = None, engine: str = "auto",
                       max_elems: int = _MAX_ELEMS,
                       progress: bool | None = None, warn: bool = True) -> LogLik:
     """importance_sample(model, beta, theta, sigma=None, *, draws=10000, seed=None, proposal="t", df=7.0, ...) -> LogLik
 
     The importance-sampling log-likelihood at (β, θ[, σ]) — see the module docstring. Arguments
     are assumed validated (use :func:`loglik`, or ``Model.loglik``, for the checked entry point).
-    ``engine="blocked"`` forces the joint proposal even for one grouping factor.
+    ``engine="blocked"`` forces the joint proposal even for one grouping factor; ``inner`` (draws per
+    level of the first factor for each outer draw) and ``adapt`` (pilot rounds re-centring the
+    crossed effects' proposal) apply to the joint proposal only.
 
     Examples
     --------
@@ -458,7 +467,8 @@ def importance_sample(model: Any, beta: np.ndarray, theta: np.ndarray, sigma: fl
         qmc = not joint
     plan = _plan(draws, proposal, df, qmc, antithetic, randomizations)
     if joint:
-        lw = _joint_logweights(eng, st, plan, rng, max_elems, progress, inner=inner)
+        prop = _adapt_outer(eng, st, plan, rng, max_elems, inner, adapt) if adapt else None
+        lw = _joint_logweights(eng, st, plan, rng, max_elems, progress, inner=inner, outer_prop=prop)
     else:
         lw = _level_logweights(eng, st, plan, rng, max_elems, progress)
     s = _summarise(lw, plan)
@@ -546,7 +556,30 @@ def _level_logweights(eng, st, plan: _Draws, rng, max_elems: int, progress) -> n
     return lw
 
 
-def _joint_logweights(eng, st, plan: _Draws, rng, max_elems: int, progress, inner: int = 1) -> np.ndarray:
+def _adapt_outer(eng, st, plan: _Draws, rng, max_elems: int, inner: int, rounds: int):
+    """Re-centre the crossed effects' proposal: ``rounds`` pilot runs (Gaussian, plain MC; not used in the
+    estimate) estimate the posterior mean of v by self-normalised IS; the Laplace covariance is kept (a
+    covariance estimated from a few hundred weighted draws in qr dimensions is noisier than the Laplace one).
+    Measured on VerbAgg: the Laplace marginal mean of the 24 item effects is off by up to 0.6 SD, which
+    alone gives log weights of variance ≈ 1.3; after re-centring ≈ 0.3."""
+    sysu = eng.sys_u
+    qr = sysu.q_rest
+    if qr == 0:
+        return None
+    C = sla.solve_triangular(sysu.Ld[:qr, :qr], np.eye(qr), lower=True, check_finite=False).T  # Lrr⁻ᵀ
+    prop = None
+    pilot = _Draws("normal", 0.0, False, False, max(8 * qr, min(plan.size // 4, 400)), 1)
+    for _ in range(int(rounds)):
+        keep: list = []
+        lw = _joint_logweights(eng, st, pilot, rng, max_elems, False, inner=inner, outer_prop=prop, keep=keep)[0]
+        w = np.exp(lw - lw.max())
+        w /= w.sum()
+        prop = (np.hstack(keep) @ w, C)
+    return prop
+
+
+def _joint_logweights(eng, st, plan: _Draws, rng, max_elems: int, progress, inner: int = 1, outer_prop=None,
+                      keep: list | None = None) -> np.ndarray:
     """Log weights (1 × S) of the joint proposal from the blocked factor, in chunks of outer draws.
 
     H = L L' with L = [[L0, 0], [S, Lrr]]: the crossed ("rest") effects v = u_r are drawn from their
@@ -595,16 +628,27 @@ def _joint_logweights(eng, st, plan: _Draws, rng, max_elems: int, progress, inne
         if qr:
             zr, logq = _std_draws(plan, 1, qr, rng, g0, g1, sob)
             zr, logq = zr[0].T, logq[0]  # qr × m, m
-            xr = sla.solve_triangular(Lrr, zr, lower=True, trans="T", check_finite=False)
+            if outer_prop is None:  # the Laplace marginal of the crossed effects: xr = Lrr⁻ᵀ z
+                xr = sla.solve_triangular(Lrr, zr, lower=True, trans="T", check_finite=False)
+                ldet = logdetLrr
+            else:  # an adapted marginal: xr = μ + C z (qr × qr, the dense block's size)
+                xr = outer_prop[0][:, None] + outer_prop[1] @ zr
+                ldet = -float(np.log(np.diag(outer_prop[1])).sum())
+            if keep is not None:
+                keep.append(xr)
             shift0 = -np.asarray(Sop.T @ xr)  # q0 × m: conditional mean shift (before L0⁻ᵀ)
             Urr = ur[:, None] + xr
-            outer = -0.5 * np.einsum("qs,qs->s", Urr, Urr) - 0.5 * qr * _LOG2PI - logq - logdetLrr
+            outer = -0.5 * np.einsum("qs,qs->s", Urr, Urr) - 0.5 * qr * _LOG2PI - logq - ldet
             eta_r = st.eta[:, None] + np.asarray(ZLr @ xr)  # n × m
         else:
             shift0 = np.zeros((q0, m))
             outer = np.zeros(m)
             eta_r = np.repeat(st.eta[:, None], m, axis=1)
-        z0 = rng.standard_normal((nlev0, k0, m, M))
+        if M > 1 and k0 == 1:  # randomly shifted 1-D lattice per level and outer draw: unbiased, low variance
+            u01 = (np.arange(M)[None, None, None, :] + rng.random((nlev0, 1, m, 1))) / M
+            z0 = special.ndtri(u01)
+        else:
+            z0 = rng.standard_normal((nlev0, k0, m, M))
         r0 = z0 + shift0.reshape(nlev0, k0, m)[..., None]
         if k0 == 1:
             x0 = L0inv[:, 0, 0][:, None, None, None] * r0

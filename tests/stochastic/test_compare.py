@@ -40,7 +40,7 @@ def test_compare_table(cbpp_fit):
 def test_compare_crossed_marks_agq_unavailable():
     v = sm.datasets.load("VerbAgg")
     fit = sm.glmer("r2 ~ Anger + Gender + btype + situ + (1 | id) + (1 | item)", v)
-    tab = sm.compare_likelihoods(fit, draws=1000, seed=3).set_index("method")
+    tab = sm.compare_likelihoods(fit, draws=300, seed=3).set_index("method")
     assert "not available" in tab.loc["agq(25)", "note"] and np.isnan(tab.loc["agq(25)", "loglik"])
     assert tab.loc["is", "note"] == "reference"
     # Laplace overstates -2 log L on VerbAgg by several units (about 7 here)
