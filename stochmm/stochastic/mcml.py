@@ -239,7 +239,7 @@ def fit_is(model: Any, method: str = "is", *, draws: int = 1000, seed: Any = Non
         moves stop shrinking: the Monte Carlo noise floor, with a warning).
     eval_draws : int, optional
         Draws for the final importance-sampling log-likelihood at the estimates (independent
-        of the fitting draws; default ``max(10 * draws, 10000)`` per level, or ``4 * draws`` joint).
+        of the fitting draws; default ``max(10 * draws, 10000)`` per level, or ``draws`` outer joint draws).
     progress : bool, optional
         Progress bar over rounds.
 
@@ -345,7 +345,7 @@ def fit_is(model: Any, method: str = "is", *, draws: int = 1000, seed: Any = Non
     if not np.all(np.isfinite(vcov)):
         vcov = eng.rx_vcov(phi[:nt], phi[nt:])
     # the log-likelihood at the estimates from independent draws
-    ev = eval_draws if eval_draws is not None else (4 * draws if joint else max(10 * draws, 10_000))
+    ev = eval_draws if eval_draws is not None else (draws if joint else max(10 * draws, 10_000))
     ll_is = importance_sample(model, phi[nt:], phi[:nt], None, draws=int(ev), seed=rng, proposal=proposal, df=df,
                               family=fam, warn=True)
     st = eng.pirls(phi[:nt], phi[nt:])
