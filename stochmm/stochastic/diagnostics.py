@@ -1,8 +1,10 @@
 """MCMC diagnostics: rank-normalised split R-hat, bulk and tail ESS, MCSE, divergences, E-BFMI, tree depth.
 
-R-hat and the effective sample sizes are those of Vehtari, Gelman, Simpson, Carpenter & Bürkner (2021),
-computed here with NumPyro's autocorrelation-based ESS (Geyer's initial monotone sequence) on split,
-rank-normalised chains, so the numbers do not depend on the ArviZ version (0.23 and ≥ 1.0 agree with them).
+R-hat and the effective sample sizes are those of Vehtari, Gelman, Simpson, Carpenter & Bürkner (2021).
+The parameter table (:func:`param_table`) takes them from ArviZ (``az.rhat``, ``az.ess``; the same call on
+ArviZ 0.23 and ≥ 1.0). The screening of every random effect (thousands of them on InstEval) uses the
+vectorised versions here (:func:`rhat`, :func:`ess_bulk`, :func:`ess_tail`: split, rank-normalised chains,
+NumPyro's Geyer-truncated autocorrelation ESS), which agree with ArviZ to within 1 %.
 
 :func:`diagnose` returns a tidy table and warns, naming the parameter and the number, when R-hat > 1.01,
 bulk ESS < 400, any transition diverged, E-BFMI < 0.3 or the tree depth saturated.
@@ -45,12 +47,19 @@ def _z_ranks(x: np.ndarray) -> np.ndarray:
     return ndtri((r - 0.375) / (c * n + 0.25)).reshape(x.shape)
 
 
+def _constant(flat: np.ndarray) -> np.ndarray:
+    """Columns of (chains, draws, P) that do not vary (up to rounding): no R-hat or ESS there."""
+    c, n = flat.shape[:2]
+    f = flat.reshape(c * n, -1)
+    return np.ptp(f, axis=0) <= 1e-12 * np.maximum(np.max(np.abs(f), axis=0), 1e-300)
+
+
 def _ess(x: np.ndarray) -> np.ndarray:
     from numpyro.diagnostics import effective_sample_size
 
     c, n = x.shape[:2]
     flat = x.reshape(c, n, -1)
-    const = np.ptp(flat.reshape(c * n, -1), axis=0) == 0
+    const = _constant(flat)
     with np.errstate(all="ignore"):
         out = np.asarray(effective_sample_size(flat), dtype=float)
     out[const] = np.nan
@@ -64,7 +73,7 @@ def _gr(x: np.ndarray) -> np.ndarray:
     flat = x.reshape(c, n, -1)
     with np.errstate(all="ignore"):
         out = np.asarray(gelman_rubin(flat), dtype=float)
-    out[np.ptp(flat.reshape(c * n, -1), axis=0) == 0] = np.nan
+    out[_constant(flat)] = np.nan
     return out.reshape(x.shape[2:])
 
 
@@ -104,11 +113,12 @@ def ess_mean(x: np.ndarray) -> np.ndarray:
     return _ess(_split(np.asarray(x, dtype=float)))
 
 
-def param_table(draws: dict[str, np.ndarray]) -> pd.DataFrame:
-    """param_table(draws) -> DataFrame
+def param_table(draws: dict[str, np.ndarray], fast: bool = False) -> pd.DataFrame:
+    """param_table(draws, fast=False) -> DataFrame
 
     Posterior summary of scalar parameters given as name -> (chains, draws) arrays: mean, median, SD,
-    2.5 % and 97.5 % quantiles, MCSE of the mean, bulk and tail ESS, R-hat.
+    2.5 % and 97.5 % quantiles, MCSE of the mean, bulk and tail ESS, R-hat (ArviZ's; ``fast=True``: the
+    vectorised versions of this module, for thousands of parameters).
     """
     names = list(draws)
     if not names:
@@ -117,14 +127,33 @@ def param_table(draws: dict[str, np.ndarray]) -> pd.DataFrame:
     x = np.stack([np.asarray(draws[k], dtype=float) for k in names], axis=-1)  # (C, N, P)
     flat = x.reshape(-1, x.shape[-1])
     sd = flat.std(axis=0, ddof=1)
-    em = ess_mean(x)
+    if fast:
+        em, eb, et, rh = ess_mean(x), ess_bulk(x), ess_tail(x), rhat(x)
+    else:
+        em, eb, et, rh = _arviz(x)
     with np.errstate(all="ignore"):
         mcse = sd / np.sqrt(em)
     return pd.DataFrame({
         "mean": flat.mean(0), "median": np.median(flat, 0), "sd": sd,
         "2.5%": np.quantile(flat, 0.025, 0), "97.5%": np.quantile(flat, 0.975, 0),
-        "mcse_mean": mcse, "ess_bulk": ess_bulk(x), "ess_tail": ess_tail(x), "r_hat": rhat(x),
+        "mcse_mean": mcse, "ess_bulk": eb, "ess_tail": et, "r_hat": rh,
     }, index=pd.Index(names, name="parameter"))
+
+
+def _arviz(x: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(ESS of the mean, bulk ESS, tail ESS, R-hat) from ArviZ, for (chains, draws, P) draws."""
+    import arviz as az
+    import xarray as xr
+
+    const = _constant(x)
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        ds = xr.Dataset({"x": (("chain", "draw", "p"), x)})
+        out = [np.asarray(az.ess(ds, method=m)["x"].values, dtype=float) for m in ("mean", "bulk", "tail")]
+        out.append(np.asarray(az.rhat(ds)["x"].values, dtype=float))
+    for a in out:
+        a[const] = np.nan
+    return tuple(out)
 
 
 def chain_table(stats: dict[str, np.ndarray], max_tree_depth: int = 10) -> pd.DataFrame:
@@ -227,7 +256,7 @@ def diagnose(obj: Any, *, ranef: bool = False, warn: bool = True) -> pd.DataFram
     table = param_table(draws)
     extra_r, extra_e = {}, {}
     if re_draws:
-        rt = param_table(re_draws)
+        rt = param_table(re_draws, fast=True)
         extra_r = {k: float(v) for k, v in rt["r_hat"].items() if v > RHAT_MAX}
         extra_e = {k: float(v) for k, v in rt["ess_bulk"].items() if v < ESS_MIN}
         if ranef:

@@ -255,7 +255,7 @@ class _Density:
         """(β on the raw columns, random effects b_j (clones, nlev, k), L_j, correlation factors)."""
         Ls, Lcs = self.chol_factors(params)
         beta = self.beta_raw(params["beta"])
-        if self.marginal is not None or self.prior_only:
+        if self.marginal is not None:
             return beta, [], Ls, Lcs
         bs = self.ranef(params, Ls)
         for j, cols, xidx in self.sweep:
@@ -317,8 +317,6 @@ class _Density:
     def log_density(self, params: dict[str, Any]) -> Any:
         beta, bs, Ls, _ = self.effects(params)
         lp, _ = self.log_prior(params, beta)
-        if self.prior_only:
-            return lp
         if self.marginal is not None:
             ll = self.marginal.loglik(beta, Ls, self.sigma(params))
             return lp + self.clones * ll
@@ -454,9 +452,10 @@ _Density.beta_c_se = _beta_c_se  # type: ignore[attr-defined]
 def _check_finite(dens: _Density, init: dict[str, Any]) -> None:
     """A specific error when the log density is not finite at the start: which prior, or the likelihood."""
     one = {k: v[0] for k, v in init.items()}
-    total = float(dens.log_density(one))
-    if np.isfinite(total):
+    total = np.asarray(jax.jit(jax.vmap(dens.log_density))(init))
+    if np.all(np.isfinite(total)):
         return
+    one = {k: v[int(np.flatnonzero(~np.isfinite(total))[0])] for k, v in init.items()}
     _, parts = dens.log_prior(one)
     cons = dens.constrain(one)
     vals = dict(zip(dens.lay.fixef, np.asarray(cons["fixef"]).tolist()))
@@ -782,6 +781,39 @@ def _flat_map(fn, tree: dict[str, Any], chunk: int = 512) -> dict[str, np.ndarra
     return {k: np.concatenate([o[k] for o in outs]).reshape(C, N, *outs[0][k].shape[1:]) for k in keys}
 
 
+def _postprocess(dens: _Density, want_ll: bool, want_pp: bool):
+    """One draw → what is reported: fixef, sd, cor, sigma, b (drawn given the parameters under marginal NUTS),
+    and on request the pointwise log-likelihood and a replicated response. One function, one compilation."""
+    d, model = dens.d, dens.model
+    bsl = [(sl, t.nlev, t.k) for sl, t in zip(model.z_slices, model.terms)]
+    trials = None if d.trials is None else jnp.asarray(np.round(d.trials))
+
+    def one(p):
+        k_b, k_y = jax.random.split(p["_key"])
+        out = dens.constrain(p)
+        sigma = out.get("sigma", 1.0)
+        if dens.marginal is not None and model.terms:
+            beta, _, Ls, _ = dens.effects(p)
+            out["b"] = dens.marginal.draw_ranef(k_b, beta, Ls, dens.sigma(p))
+        if not (want_ll or want_pp):
+            return out
+        bs = [out["b"][sl].reshape(nl, k) for sl, nl, k in bsl]
+        eta = d.X @ out["fixef"] + d.offset + _ranef_eta(d, bs)
+        if want_ll:
+            out["ll"] = _loglik_obs(d, eta, sigma)
+        if want_pp:
+            if d.kind == "gaussian":
+                out["yrep"] = eta + sigma / jnp.sqrt(d.wt) * jax.random.normal(k_y, eta.shape)
+            elif d.kind == "poisson":
+                out["yrep"] = jax.random.poisson(k_y, _linkinv(d.kind, eta)).astype(float)
+            else:
+                counts = jax.random.binomial(k_y, trials, jnp.clip(_linkinv(d.kind, eta), 0.0, 1.0))
+                out["yrep"] = counts if d.cbind else counts / trials
+        return out
+
+    return one
+
+
 class PosteriorResults:
     """Posterior of a mixed model: the ML results vocabulary, with draws behind every number.
 
@@ -828,11 +860,14 @@ class PosteriorResults:
         self.model, self.layout, self._dens = model, lay, dens
         self.priors, self._user = dens.priors, dens.user
         self.sampler, self.clones, self.seed, self.group = sampler, dens.clones, seed, group
-        cons = _flat_map(dens.constrain, samples)
-        if dens.marginal is not None and model.terms:
-            cons["b"] = self._draw_marginal_ranef(samples, seed)
-        self._draws = cons
-        C, N = cons["fixef"].shape[:2]
+        C, N = jax.tree_util.tree_leaves(samples)[0].shape[:2]
+        want_ll = log_likelihood if log_likelihood is not None else (model.n * C * N <= 2.5e7 and dens.clones == 1)
+        want_ll = bool(want_ll and group == "posterior" and model.terms)
+        want_pp = bool(posterior_predictive and model.terms)
+        tree = dict(samples)
+        tree["_key"] = np.asarray(jax.random.split(jax.random.PRNGKey(seed + 7919), C * N)).reshape(C, N, -1)
+        cons = _flat_map(_postprocess(dens, want_ll, want_pp), tree)
+        self._draws = {k: v for k, v in cons.items() if k not in ("ll", "yrep")}
         self.nchains, self.ndraws = C, N
         self.family_label = "Linear" if d.kind == "gaussian" else "Generalized linear"
 
@@ -864,29 +899,15 @@ class PosteriorResults:
                 "step_size": np.asarray(extra["adapt_state.step_size"]),
                 "lp": -np.asarray(extra["potential_energy"]), "acceptance_rate": np.asarray(extra["accept_prob"]),
             }
-        want_ll = log_likelihood if log_likelihood is not None else (model.n * C * N <= 2.5e7 and dens.clones == 1)
-        if want_ll and group == "posterior" and "b" in cons:
-            groups["log_likelihood"] = {"y": self._pointwise(cons)}
-        if posterior_predictive and "b" in cons:
-            groups[f"{group}_predictive"] = {"y": self._replicate(cons, seed)}
+        if want_ll:
+            groups["log_likelihood"] = {"y": cons["ll"]}
+        if want_pp:
+            groups[f"{group}_predictive"] = {"y": cons["yrep"]}
         attrs = {"sampler": sampler, "clones": int(dens.clones), "max_tree_depth": int(max_tree_depth),
                  "stochmm_formula": model.formula}
         self.idata = make_idata(groups, coords=coords, dims=dims, attrs=attrs)
         self._coords, self._dims = coords, dims
         return self
-
-    def _draw_marginal_ranef(self, samples: dict[str, Any], seed: int) -> np.ndarray:
-        dens = self._dens
-        C, N = jax.tree_util.tree_leaves(samples)[0].shape[:2]
-        keys = jax.random.split(jax.random.PRNGKey(seed + 7919), C * N).reshape(C, N, -1)
-        tree = dict(samples)
-        tree["_key"] = keys
-
-        def one(p):
-            beta, _, Ls, _ = dens.effects(p)
-            return {"b": dens.marginal.draw_ranef(p["_key"], beta, Ls, dens.sigma(p))}
-
-        return _flat_map(one, tree)["b"]
 
     def _ranef_layout(self) -> dict[str, tuple[list[int], list[str]]]:
         out: dict[str, tuple[list[int], list[str]]] = {}
@@ -903,50 +924,6 @@ class PosteriorResults:
         if d.cbind:
             return np.round(y * d.trials)
         return y
-
-    def _eta_draws(self, cons: dict[str, np.ndarray]):
-        dens = self._dens
-        d = dens.d
-        bsl = [(sl, t.nlev, t.k) for sl, t in zip(self.model.z_slices, self.model.terms)]
-
-        def one(p):
-            X = jnp.asarray(self.model.X)
-            eta = X @ p["fixef"] + d.offset
-            bs = [p["b"][sl].reshape(nl, k) for sl, nl, k in bsl]
-            return eta + _ranef_eta(d, bs)
-
-        return one
-
-    def _pointwise(self, cons: dict[str, np.ndarray]) -> np.ndarray:
-        d = self._dens.d
-        eta_fn = self._eta_draws(cons)
-
-        def one(p):
-            return {"ll": _loglik_obs(d, eta_fn(p), p.get("sigma", 1.0))}
-
-        tree = {k: cons[k] for k in ("fixef", "b", "sigma") if k in cons}
-        return _flat_map(one, tree)["ll"]
-
-    def _replicate(self, cons: dict[str, np.ndarray], seed: int) -> np.ndarray:
-        d = self._dens.d
-        eta_fn = self._eta_draws(cons)
-        C, N = cons["fixef"].shape[:2]
-        tree = {k: cons[k] for k in ("fixef", "b", "sigma") if k in cons}
-        tree["_key"] = np.asarray(jax.random.split(jax.random.PRNGKey(seed + 104729), C * N)).reshape(C, N, -1)
-        trials = None if d.trials is None else jnp.asarray(np.round(d.trials))
-
-        def one(p):
-            eta = eta_fn(p)
-            key = p["_key"]
-            if d.kind == "gaussian":
-                return {"y": eta + p["sigma"] / jnp.sqrt(d.wt) * jax.random.normal(key, eta.shape)}
-            mu = _linkinv(d.kind, eta)
-            if d.kind == "poisson":
-                return {"y": jax.random.poisson(key, mu).astype(float)}
-            counts = jax.random.binomial(key, trials, jnp.clip(mu, 0.0, 1.0))
-            return {"y": counts if d.cbind else counts / trials}
-
-        return _flat_map(one, tree)["y"]
 
     # -- diagnostics -------------------------------------------------------------------------------
     def _check(self, warn: bool) -> None:
