@@ -214,7 +214,7 @@ def weighted_crossprods(lay: Layout, w, zt0, ztr: list):
             r = lay.rest_off[j] + refs[:, None, None] * kj + np.arange(kj)[None, :, None]
             c = lay.rest_off[j2] + refs2[:, None, None] * kj2 + np.arange(kj2)[None, None, :]
             r, c = np.broadcast_arrays(r, c)
-            Crr = Crr.at[r, c].add(w[:, None, None] * z[:, :, None] * z2[:, None, :])
+            Crr = Crr.at[r, c].add(w[:, None, None] * z[:, :, None] * z2[:, None, :], mode="promise_in_bounds")
     return C00, Cpair, Crr
 
 
@@ -245,14 +245,31 @@ def factor(lay: Layout, C00, Cpair: list, Crr) -> Factor:
         L00 = jnp.linalg.cholesky(M00)
         L00inv = jax.lax.linalg.triangular_solve(L00, jnp.broadcast_to(jnp.eye(k0), L00.shape),
                                                  left_side=True, lower=True)
-    St = [jnp.einsum("pab,pcb->pac", Cp, L00inv[pl]) for Cp, pl in zip(Cpair, lay.pair_l)]
+    St = [_bmm_t(Cp, L00inv[pl]) for Cp, pl in zip(Cpair, lay.pair_l)]
     if not lay.q_rest:
         return Factor(L00, L00inv, St, jnp.zeros((0, 0)))
     D = Crr + jnp.eye(lay.q_rest)
     for j, j2, P1, P2, rows, cols in lay.pp:
-        D = D.at[rows, cols].add(-jnp.einsum("pab,pcb->pac", St[j][P1], St[j2][P2]))
+        D = D.at[rows, cols].add(-_bmm_t(St[j][P1], St[j2][P2]), mode="promise_in_bounds")
     LD = jnp.linalg.cholesky(D)
     return Factor(L00, L00inv, St, LD)
+
+
+# batched products of many tiny matrices as broadcast-multiply-sum (XLA's batched dot is slow on CPU for
+# millions of 1 × 1 or 2 × 2 blocks)
+def _bmm_t(A, B):
+    """(P, a, b), (P, c, b) -> (P, a, c): A_p B_p'."""
+    return jnp.sum(A[:, :, None, :] * B[:, None, :, :], axis=-1)
+
+
+def _bmv(A, v):
+    """(P, a, b), (P, b) -> (P, a): A_p v_p."""
+    return jnp.sum(A * v[:, None, :], axis=-1)
+
+
+def _bmtv(A, v):
+    """(P, a, b), (P, a) -> (P, b): A_p' v_p."""
+    return jnp.sum(A * v[:, :, None], axis=1)
 
 
 def _rest_rows(lay: Layout, j: int) -> np.ndarray:
@@ -262,13 +279,13 @@ def _rest_rows(lay: Layout, j: int) -> np.ndarray:
 
 def forward(lay: Layout, F: Factor, c0, cr):
     """forward(lay, F, c0, cr) -> (v0, vr): v = L_M⁻¹ c, with c0 (nlev0, k0) and cr (q_rest,)."""
-    v0 = jnp.einsum("lab,lb->la", F.L00inv, c0)
+    v0 = _bmv(F.L00inv, c0)
     if not lay.q_rest:
         return v0, cr
     rhs = cr
     for j, St in enumerate(F.St):
-        contrib = jnp.einsum("pab,pb->pa", St, v0[lay.pair_l[j]])
-        rhs = rhs.at[_rest_rows(lay, j)].add(-contrib)
+        contrib = _bmv(St, v0[lay.pair_l[j]])
+        rhs = rhs.at[_rest_rows(lay, j)].add(-contrib, mode="promise_in_bounds")
     return v0, solve_triangular(F.LD, rhs, lower=True)
 
 
@@ -280,8 +297,8 @@ def backward(lay: Layout, F: Factor, y0, yr):
         xr = solve_triangular(F.LD, yr, lower=True, trans="T")
         for j, St in enumerate(F.St):
             xs = xr[_rest_rows(lay, j)]  # (npairs, k_j)
-            t = t - jax.ops.segment_sum(jnp.einsum("pab,pa->pb", St, xs), lay.pair_l[j], num_segments=lay.nlev0)
-    x0 = jnp.einsum("lba,lb->la", F.L00inv, t)
+            t = t - jax.ops.segment_sum(_bmtv(St, xs), lay.pair_l[j], num_segments=lay.nlev0)
+    x0 = _bmtv(F.L00inv, t)
     return x0, xr
 
 

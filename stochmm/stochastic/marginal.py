@@ -22,8 +22,13 @@ draws of b from its conditional posterior given y and the parameters:
   proposal dominates it and the chain is uniformly ergodic: its law converges geometrically to the
   exact conditional, the error after ``mh_steps`` steps falls like (1 − 1/M)^steps, M = sup target/proposal.
 * ``"laplace"`` — GLMMs with crossed or nested factors: the Laplace approximation at the joint mode
-  (Newton on the blocked system), an approximation, labelled so. Draws as for AGQ but jointly
-  (one independent MH chain over all q random effects).
+  (damped Newton on the blocked system, the same implicit-function derivative), an approximation,
+  labelled so. The draws of b target the *exact* conditional p(b | y, β, Σ): a start from the joint
+  Laplace Gaussian, then ``mh_steps`` Metropolis-within-Gibbs sweeps over the grouping factors (given
+  the other factors, a factor's levels are independent; each gets an independence-MH step from a t₄
+  proposal centred at its Gaussian conditional mean).
+
+:meth:`MarginalLik.draw_info` also returns the mean MH acceptance rate (typically 0.85–0.95 here).
 
 Values are on the package's full log-likelihood scale (binomial coefficients, log y!, 2π terms), so
 they equal the deterministic paths' (−2 × ``fit.loglik`` and :func:`stochmm.deterministic.quadrature.agq`).
@@ -61,6 +66,7 @@ MAX_NODES = 1000
 
 _LOG2PI = float(np.log(2.0 * np.pi))
 _KINDS = ("auto", "exact", "agq", "laplace")
+_NU = 4.0  # degrees of freedom of the t proposal of the conditional draws
 
 
 def _default_nagq(k: int) -> int:
@@ -117,8 +123,8 @@ def applies(model: Any) -> tuple[bool, str]:
 
 
 def build(model: Any, kind: str = "auto", nagq: int | None = None, *, family: Any = None,
-          mh_steps: int = 40, newton_maxiter: int = 100) -> MarginalLik:
-    """build(model, kind="auto", nagq=None, *, family=None, mh_steps=40, newton_maxiter=100) -> MarginalLik
+          mh_steps: int = 20, newton_maxiter: int = 100) -> MarginalLik:
+    """build(model, kind="auto", nagq=None, *, family=None, mh_steps=20, newton_maxiter=100) -> MarginalLik
 
     The marginal log-likelihood of ``model`` with its random effects integrated out.
 
@@ -226,6 +232,7 @@ class MarginalLik:
         self._ks = [t.k for t in model.terms]
         self._loglik_jit = jax.jit(self._loglik)
         self._draw_jit = jax.jit(self._draw)
+        self._info_jit = jax.jit(self._draw_info)
 
     def __repr__(self) -> str:
         return f"MarginalLik(kind={self.kind!r}, n={self.model.n}, p={self.p}, q={self.q})"
@@ -265,6 +272,16 @@ class MarginalLik:
         """draw_ranef(rng_key, beta, L_list, sigma=None) -> b (q,) — one draw of b | y, parameters."""
         beta, Ls, sigma = self._check(beta, L_list, sigma)
         return self._draw_jit(rng_key, beta, Ls, sigma)
+
+    def draw_info(self, rng_key, beta, L_list, sigma=None):
+        """draw_info(rng_key, beta, L_list, sigma=None) -> (b (q,), acceptance rate)
+
+        :meth:`draw_ranef` and the mean acceptance rate of its Metropolis–Hastings steps (1 for exact
+        Gaussian draws): rates far below 0.5 mean the proposal fits the conditional poorly (raise
+        ``mh_steps``).
+        """
+        beta, Ls, sigma = self._check(beta, L_list, sigma)
+        return self._info_jit(rng_key, beta, Ls, sigma)
 
     def _to_model(self, b0, br):
         b = jnp.concatenate([b0.reshape(-1), br])
@@ -316,6 +333,9 @@ class _LmmMarginal(MarginalLik):
         m2ll = (self._const + self.n * jnp.log(s2) + F.logdet() + rWr / s2 - jnp.sum(v0 * v0) - jnp.sum(vr * vr))
         return -0.5 * m2ll
 
+    def _draw_info(self, rng_key, beta, Ls, sigma):
+        return self._draw(rng_key, beta, Ls, sigma), jnp.ones(())
+
     def _draw(self, rng_key, beta, Ls, sigma):
         lay = self.lay
         L0, Lr, F, delta, v0, vr, s2 = self._solve(beta, Ls, sigma)
@@ -355,7 +375,7 @@ class _GlmmBase(MarginalLik):
         self._Zr = [jnp.asarray(z) for z in lay.rest_z]
         self.mh_steps = mh_steps
         self.newton_maxiter = newton_maxiter
-        self.nu = 4.0
+        self.nu = _NU
 
     def _ell(self, eta, order=0):
         return derivs(self._kern, self._y if eta.ndim == 1 else self._y[:, None], eta,
@@ -398,12 +418,14 @@ def _newton(step_fn, obj_fn, u0, maxiter: int, tol: float = 1e-11):
     return u
 
 
-def _t_draws(key, shape, k, nu):
-    """Standard multivariate t_ν draws, shape + (k,)."""
-    kz, kg = jax.random.split(key)
+def _t_draws(key, shape, k):
+    """Standard multivariate t₄ draws, shape + (k,): z / √(χ²₄/4), with χ²₄ = −2 log(U₁U₂) (exact, no
+    gamma sampler)."""
+    kz, ku = jax.random.split(key)
     z = jax.random.normal(kz, shape + (k,))
-    g = 2.0 * jax.random.gamma(kg, nu / 2.0, shape)
-    return z / jnp.sqrt(g / nu)[..., None]
+    uu = jax.random.uniform(ku, (2,) + shape, minval=jnp.finfo(jnp.float64).tiny)
+    chi2 = -2.0 * jnp.sum(jnp.log(uu), axis=0)
+    return z / jnp.sqrt(chi2 / _NU)[..., None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,11 +497,14 @@ class _AgqMarginal(_GlmmBase):
             Rz = jnp.einsum("lba,kb->lka", Linv, self._zk)  # R = L^{-T}
             logdetR = -jnp.sum(jnp.log(jnp.diagonal(Lh, axis1=1, axis2=2)), axis=1)
         U = u[:, None, :] + Rz  # (nlev, K, k)
-        eta = base[:, None] + jnp.einsum("ia,ika->ik", zt, U[self._refs])
+        eta = base[:, None] + jnp.sum(zt[:, None, :] * U[self._refs], axis=2)
         hk = self._seg(self._ell(eta, 0)[0]) - 0.5 * jnp.sum(U * U, axis=2)
         return jnp.sum(logdetR + logsumexp(hk + self._logw[None, :], axis=1)) + self._const
 
     def _draw(self, rng_key, beta, Ls, sigma):
+        return self._draw_info(rng_key, beta, Ls, sigma)[0]
+
+    def _draw_info(self, rng_key, beta, Ls, sigma):
         L0, base, zt = self._setup(beta, Ls)
         L0, base, zt = (jax.lax.stop_gradient(a) for a in (L0, base, zt))
         u, H = self._mode(base, zt)
@@ -494,20 +519,20 @@ class _AgqMarginal(_GlmmBase):
             return self._h(base, zt, point(tau)) + 0.5 * (nu + k) * jnp.log1p(jnp.sum(tau * tau, axis=1) / nu)
 
         k0, key = jax.random.split(rng_key)
-        tau = _t_draws(k0, (nlev,), k, nu)
+        tau = _t_draws(k0, (nlev,), k)
         lw = logw(tau)
 
         def body(i, st):
-            tau, lw, key = st
+            tau, lw, key, nacc = st
             key, kp, ka = jax.random.split(key, 3)
-            prop = _t_draws(kp, (nlev,), k, nu)
+            prop = _t_draws(kp, (nlev,), k)
             lwp = logw(prop)
             acc = jnp.log(jax.random.uniform(ka, (nlev,))) < lwp - lw
-            return jnp.where(acc[:, None], prop, tau), jnp.where(acc, lwp, lw), key
+            return jnp.where(acc[:, None], prop, tau), jnp.where(acc, lwp, lw), key, nacc + jnp.mean(acc)
 
-        tau, lw, _ = jax.lax.fori_loop(0, self.mh_steps, body, (tau, lw, key))
+        tau, lw, _, nacc = jax.lax.fori_loop(0, self.mh_steps, body, (tau, lw, key, 0.0))
         b0 = point(tau) @ L0.T
-        return self._to_model(b0, jnp.zeros(0))
+        return self._to_model(b0, jnp.zeros(0)), nacc / self.mh_steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -586,35 +611,79 @@ class _LaplaceMarginal(_GlmmBase):
         return h - 0.5 * F.logdet() + self._const
 
     def _draw(self, rng_key, beta, Ls, sigma):
+        return self._draw_info(rng_key, beta, Ls, sigma)[0]
+
+    def _draw_info(self, rng_key, beta, Ls, sigma):
+        """Metropolis-within-Gibbs over the grouping factors, started from the joint Laplace Gaussian.
+
+        Given the other factors' effects, the levels of one factor are independent: each is updated by
+        an independence-MH step from a t₄ proposal centred at the Laplace (Gaussian) conditional mean
+        û_b − M_bb⁻¹ M_b,−b (u_−b − û_−b) with scale M_bb^{-1/2} (M_bb per level; both computed by
+        segment sums over the observations), against the exact conditional density.
+        """
         sg = jax.lax.stop_gradient
         L0, Lr, base, zt0, ztr = jax.tree_util.tree_map(sg, self._setup(beta, Ls))
-        lay, nu, q = self.lay, self.nu, self.lay.q
+        lay, nu = self.lay, self.nu
         u = self._mode(base, zt0, ztr)
-        _, _, F = self._hgF(base, zt0, ztr, u)
+        eta_hat = self._eta(base, zt0, ztr, u)
+        w = -self._ell(eta_hat, 2)[2]
+        F = bc.factor(lay, *bc.weighted_crossprods(lay, w, zt0, ztr))
+        # blocks: (transformed z, level codes, number of levels, k, mode)
+        u0, ur = self._split(u)
+        blocks = [(zt0, self._refs0, lay.nlev0, lay.k0, u0)]
+        for j, (z, refs, kj, nl) in enumerate(zip(ztr, self._rrefs, lay.rest_k, lay.rest_nlev)):
+            blocks.append((z, refs, nl, kj, ur[lay.rest_off[j]: lay.rest_off[j] + nl * kj].reshape(nl, kj)))
+        chol = []
+        for z, refs, nl, kb, _ in blocks:
+            Mbb = jax.ops.segment_sum(w[:, None, None] * z[:, :, None] * z[:, None, :], refs, num_segments=nl)
+            chol.append(jnp.linalg.cholesky(Mbb + jnp.eye(kb)))
+        key0, key = jax.random.split(rng_key)
+        e = jax.random.normal(key0, (lay.q,))
+        x0, xr = bc.backward(lay, F, e[: lay.q0].reshape(lay.nlev0, lay.k0), e[lay.q0:])
+        start = u + jnp.concatenate([x0.reshape(-1), xr])
+        s0, sr = self._split(start)
+        U = [s0] + [sr[lay.rest_off[j]: lay.rest_off[j] + nl * kj].reshape(nl, kj)
+                    for j, (kj, nl) in enumerate(zip(lay.rest_k, lay.rest_nlev))]
 
-        def point(tau):  # û + L_H^{-T} τ
-            t0, tr = self._split(tau)
-            x0, xr = bc.backward(lay, F, t0, tr)
-            return u + jnp.concatenate([x0.reshape(-1), xr])
+        def contrib(b, Ub):
+            z, refs = blocks[b][0], blocks[b][1]
+            return jnp.sum(z * Ub[refs], axis=1)
 
-        def logw(tau):
-            return self._h(base, zt0, ztr, point(tau)) + 0.5 * (nu + q) * jnp.log1p(jnp.sum(tau * tau) / nu)
+        def sweep(i, st):
+            U, key, acc = st
+            U = list(U)
+            eta = base + sum(contrib(b, U[b]) for b in range(len(blocks)))
+            for b, (z, refs, nl, kb, ub_hat) in enumerate(blocks):
+                key, kp, ka = jax.random.split(key, 3)
+                own = contrib(b, U[b])
+                eta_minus = eta - own
+                e_other = eta_minus - eta_hat + contrib(b, ub_hat)  # Σ_{c≠b} z̃_c·(u_c − û_c)
+                rhs = jax.ops.segment_sum((w * e_other)[:, None] * z, refs, num_segments=nl)
+                Lb = chol[b]
+                sol = jax.scipy.linalg.cho_solve((Lb, True), rhs[..., None])[..., 0]
+                mu = ub_hat - sol
 
-        k0, key = jax.random.split(rng_key)
-        tau = _t_draws(k0, (), q, nu)
-        lw = logw(tau)
+                tau_cur = jnp.sum(Lb * (U[b] - mu)[:, :, None], axis=1)  # L_b'(u − μ)
+                tau = _t_draws(kp, (nl,), kb)
+                prop = mu + jax.lax.linalg.triangular_solve(Lb, tau[..., None], left_side=True, lower=True,
+                                                            transpose_a=True)[..., 0]
+                # log target (exact conditional of each level) minus log t₄ proposal, proposed − current
+                both = jnp.stack([prop, U[b]])  # (2, nl, k)
+                ll = self._ell(eta_minus[:, None] + jnp.sum(z[None] * both[:, refs], axis=2).T, 0)[0]  # (n, 2)
+                tgt = jax.ops.segment_sum(ll, refs, num_segments=nl).T - 0.5 * jnp.sum(both * both, axis=2)
+                taus = jnp.stack([tau, tau_cur])
+                logt = -0.5 * (nu + kb) * jnp.log1p(jnp.sum(taus * taus, axis=2) / nu)
+                logr = (tgt[0] - logt[0]) - (tgt[1] - logt[1])
+                ok = jnp.log(jax.random.uniform(ka, (nl,))) < logr
+                U[b] = jnp.where(ok[:, None], prop, U[b])
+                eta = eta_minus + contrib(b, U[b])
+                acc = acc + jnp.mean(ok)
+            return tuple(U), key, acc
 
-        def body(i, st):
-            tau, lw, key = st
-            key, kp, ka = jax.random.split(key, 3)
-            prop = _t_draws(kp, (), q, nu)
-            lwp = logw(prop)
-            acc = jnp.log(jax.random.uniform(ka)) < lwp - lw
-            return jnp.where(acc, prop, tau), jnp.where(acc, lwp, lw), key
-
-        tau, lw, _ = jax.lax.fori_loop(0, self.mh_steps, body, (tau, lw, key))
-        u0, ur = self._split(point(tau))
-        return self._to_model(*bc.apply_lambda(lay, L0, Lr, u0, ur))
+        U, _, acc = jax.lax.fori_loop(0, self.mh_steps, sweep, (tuple(U), key, 0.0))
+        ur_new = jnp.concatenate([x.reshape(-1) for x in U[1:]])
+        b = self._to_model(*bc.apply_lambda(lay, L0, Lr, U[0], ur_new))
+        return b, acc / (self.mh_steps * len(blocks))
 
 
 _ = SUPPORTED  # re-exported for messages

@@ -301,3 +301,37 @@ def test_bad_input(sleep, cbpp):
         mg.build(mc, nagq=0)
     with pytest.raises(TypeError):
         mg.applies("not a model")
+
+
+def test_laplace_crossed_draws_match_importance_sampling():
+    # reference moments of b | y by self-normalised importance sampling from a wide Gaussian (consistent for
+    # any proposal), with the binary log-likelihood written out here in NumPy; z uses both MCSEs
+    v = sm.datasets.load("VerbAgg")
+    m = sm.Model("r2 ~ Anger + btype + (1 | id) + (1 | item)", v[v["id"].astype(int) <= 12], family="binomial")
+    ml = mg.build(m, kind="laplace")
+    th, be = np.array([1.2, 0.6]), np.array([0.3, 0.05, -0.9, -1.8])
+    Ls = ml.L_list(th)
+    N = 1000
+    keys = jax.random.split(jax.random.PRNGKey(1), N)
+    b, acc = jax.jit(jax.vmap(lambda k: ml.draw_info(k, be, Ls)))(keys)
+    b = np.asarray(b)
+    assert float(np.mean(acc)) > 0.8
+    Z = m.Z.toarray()
+    prior_var = np.concatenate([np.full(t.nlev, L[0, 0] ** 2) for t, L in zip(m.terms, Ls)])
+    rng = np.random.default_rng(0)
+    mu, C = b.mean(0), 1.5 * np.cov(b, rowvar=False)
+    Lc = np.linalg.cholesky(C)
+    M = 100_000
+    x = mu + rng.standard_normal((M, m.q)) @ Lc.T
+    eta = (m.X @ be)[None, :] + x @ Z.T
+    lw = (m.y * eta - np.logaddexp(0, eta)).sum(1) - 0.5 * np.sum(x**2 / prior_var, 1)
+    lw += 0.5 * np.sum(np.linalg.solve(Lc, (x - mu).T) ** 2, 0)
+    w = np.exp(lw - lw.max())
+    w /= w.sum()
+    ess = 1.0 / np.sum(w**2)
+    assert ess > 2000
+    m_is = w @ x
+    v_is = w @ (x - m_is) ** 2
+    z = (b.mean(0) - m_is) / np.sqrt(v_is / N + v_is / ess)
+    zv = (b.var(0, ddof=1) - v_is) / (v_is * np.sqrt(2 / N + 2 / ess))
+    assert np.max(np.abs(z)) < Z_MAX and np.max(np.abs(zv)) < Z_MAX
