@@ -42,7 +42,7 @@ import scipy.sparse as sp  # noqa: E402
 from jax.scipy.linalg import block_diag, solve_triangular  # noqa: E402
 
 __all__ = ["Layout", "Factor", "factor", "forward", "backward", "raw_crossprods", "scale_crossprods",
-           "weighted_crossprods", "apply_lambda", "MAX_DENSE"]
+           "weighted_crossprods", "apply_lambda", "chol_small", "tril_inv_small", "MAX_DENSE"]
 
 MAX_DENSE = 4000
 """Largest dense block (q_rest, the random effects of all terms after the first factor). Its Cholesky
@@ -238,13 +238,8 @@ def factor(lay: Layout, C00, Cpair: list, Crr) -> Factor:
     """factor(lay, C00, Cpair, Crr) -> Factor of M = I + C (blocks as from the crossprods functions)."""
     k0 = lay.k0
     M00 = C00 + jnp.eye(k0)
-    if k0 == 1:
-        L00 = jnp.sqrt(M00)
-        L00inv = 1.0 / L00
-    else:
-        L00 = jnp.linalg.cholesky(M00)
-        L00inv = jax.lax.linalg.triangular_solve(L00, jnp.broadcast_to(jnp.eye(k0), L00.shape),
-                                                 left_side=True, lower=True)
+    L00 = chol_small(M00)
+    L00inv = tril_inv_small(L00)
     St = [_bmm_t(Cp, L00inv[pl]) for Cp, pl in zip(Cpair, lay.pair_l)]
     if not lay.q_rest:
         return Factor(L00, L00inv, St, jnp.zeros((0, 0)))
@@ -253,6 +248,43 @@ def factor(lay: Layout, C00, Cpair: list, Crr) -> Factor:
         D = D.at[rows, cols].add(-_bmm_t(St[j][P1], St[j2][P2]), mode="promise_in_bounds")
     LD = jnp.linalg.cholesky(D)
     return Factor(L00, L00inv, St, LD)
+
+
+# many tiny k × k factorisations, unrolled over k and vectorised over the batch (XLA's batched LAPACK
+# calls loop over the batch on CPU); k > 4 falls back to LAPACK
+_SMALL = 4
+
+
+def chol_small(H):
+    """chol_small(H) -> L: lower Cholesky factors of a batch (..., k, k)."""
+    k = H.shape[-1]
+    if k > _SMALL:
+        return jnp.linalg.cholesky(H)
+    L = [[None] * k for _ in range(k)]
+    for j in range(k):
+        d = H[..., j, j] - sum((L[j][m] ** 2 for m in range(j)), jnp.zeros(H.shape[:-2]))
+        L[j][j] = jnp.sqrt(d)
+        for i in range(j + 1, k):
+            L[i][j] = (H[..., i, j] - sum((L[i][m] * L[j][m] for m in range(j)), jnp.zeros(H.shape[:-2]))) / L[j][j]
+    zero = jnp.zeros(H.shape[:-2])
+    return jnp.stack([jnp.stack([L[i][j] if j <= i else zero for j in range(k)], axis=-1) for i in range(k)],
+                     axis=-2)
+
+
+def tril_inv_small(L):
+    """tril_inv_small(L) -> L⁻¹ for a batch of lower-triangular (..., k, k)."""
+    k = L.shape[-1]
+    if k > _SMALL:
+        return jax.lax.linalg.triangular_solve(L, jnp.broadcast_to(jnp.eye(k), L.shape), left_side=True, lower=True)
+    inv = [[None] * k for _ in range(k)]
+    zero = jnp.zeros(L.shape[:-2])
+    for i in range(k):
+        inv[i][i] = 1.0 / L[..., i, i]
+        for j in range(i - 1, -1, -1):
+            acc = sum((L[..., i, m] * inv[m][j] for m in range(j, i)), zero)
+            inv[i][j] = -acc * inv[i][i]
+    return jnp.stack([jnp.stack([inv[i][j] if j <= i else zero for j in range(k)], axis=-1) for i in range(k)],
+                     axis=-2)
 
 
 # batched products of many tiny matrices as broadcast-multiply-sum (XLA's batched dot is slow on CPU for

@@ -418,6 +418,12 @@ def _newton(step_fn, obj_fn, u0, maxiter: int, tol: float = 1e-11):
     return u
 
 
+def _spd_solve(H, g):
+    """H⁻¹g for a batch of small SPD blocks (nlev, k, k) and (nlev, k)."""
+    Li = bc.tril_inv_small(bc.chol_small(H))
+    return jnp.sum(Li * jnp.sum(Li * g[:, None, :], axis=2)[:, :, None], axis=1)
+
+
 def _t_draws(key, shape, k):
     """Standard multivariate t₄ draws, shape + (k,): z / √(χ²₄/4), with χ²₄ = −2 log(U₁U₂) (exact, no
     gamma sampler)."""
@@ -466,13 +472,13 @@ class _AgqMarginal(_GlmmBase):
 
         def step_fn(u):
             h, g, H = self._hgH(bs, zs, u)
-            return h, (g / H[:, :, 0] if k == 1 else jnp.linalg.solve(H, g[..., None])[..., 0])
+            return h, _spd_solve(H, g)
 
         u_sg = _newton(step_fn, lambda u: self._h(bs, zs, u), jnp.zeros((self.lay.nlev0, k)), self.newton_maxiter)
         u_sg = jax.lax.stop_gradient(u_sg)
         _, g, H = self._hgH(base, zt, u_sg)
         Hs = jax.lax.stop_gradient(H)
-        u = u_sg + (g / Hs[:, :, 0] if k == 1 else jnp.linalg.solve(Hs, g[..., None])[..., 0])
+        u = u_sg + _spd_solve(Hs, g)
         _, _, H = self._hgH(base, zt, u)
         return u, H
 
@@ -485,17 +491,9 @@ class _AgqMarginal(_GlmmBase):
     def _loglik(self, beta, Ls, sigma):
         L0, base, zt = self._setup(beta, Ls)
         u, H = self._mode(base, zt)
-        k = self.lay.k0
-        if k == 1:
-            r = 1.0 / jnp.sqrt(H[:, 0, 0])
-            Rz = r[:, None, None] * self._zk[None, :, :]  # (nlev, K, 1)
-            logdetR = jnp.log(r)
-        else:
-            Lh = jnp.linalg.cholesky(H)
-            Linv = jax.lax.linalg.triangular_solve(Lh, jnp.broadcast_to(jnp.eye(k), Lh.shape), left_side=True,
-                                                   lower=True)
-            Rz = jnp.einsum("lba,kb->lka", Linv, self._zk)  # R = L^{-T}
-            logdetR = -jnp.sum(jnp.log(jnp.diagonal(Lh, axis1=1, axis2=2)), axis=1)
+        Linv = bc.tril_inv_small(bc.chol_small(H))
+        Rz = jnp.sum(Linv[:, None, :, :] * self._zk[None, :, :, None], axis=2)  # R z_k, R = L^{-T}: (nlev, K, k)
+        logdetR = jnp.sum(jnp.log(jnp.diagonal(Linv, axis1=1, axis2=2)), axis=1)
         U = u[:, None, :] + Rz  # (nlev, K, k)
         eta = base[:, None] + jnp.sum(zt[:, None, :] * U[self._refs], axis=2)
         hk = self._seg(self._ell(eta, 0)[0]) - 0.5 * jnp.sum(U * U, axis=2)
@@ -509,11 +507,10 @@ class _AgqMarginal(_GlmmBase):
         L0, base, zt = (jax.lax.stop_gradient(a) for a in (L0, base, zt))
         u, H = self._mode(base, zt)
         k, nlev, nu = self.lay.k0, self.lay.nlev0, self.nu
-        Lh = jnp.linalg.cholesky(H)
+        Linv = bc.tril_inv_small(bc.chol_small(H))
 
         def point(tau):  # u = û + L_H^{-T} τ
-            return u + jax.lax.linalg.triangular_solve(Lh, tau[..., None], left_side=True, lower=True,
-                                                       transpose_a=True)[..., 0]
+            return u + jnp.sum(Linv * tau[:, :, None], axis=1)
 
         def logw(tau):
             return self._h(base, zt, point(tau)) + 0.5 * (nu + k) * jnp.log1p(jnp.sum(tau * tau, axis=1) / nu)
@@ -636,7 +633,8 @@ class _LaplaceMarginal(_GlmmBase):
         chol = []
         for z, refs, nl, kb, _ in blocks:
             Mbb = jax.ops.segment_sum(w[:, None, None] * z[:, :, None] * z[:, None, :], refs, num_segments=nl)
-            chol.append(jnp.linalg.cholesky(Mbb + jnp.eye(kb)))
+            Lb = bc.chol_small(Mbb + jnp.eye(kb))
+            chol.append((Lb, bc.tril_inv_small(Lb)))
         key0, key = jax.random.split(rng_key)
         e = jax.random.normal(key0, (lay.q,))
         x0, xr = bc.backward(lay, F, e[: lay.q0].reshape(lay.nlev0, lay.k0), e[lay.q0:])
@@ -659,14 +657,13 @@ class _LaplaceMarginal(_GlmmBase):
                 eta_minus = eta - own
                 e_other = eta_minus - eta_hat + contrib(b, ub_hat)  # Σ_{c≠b} z̃_c·(u_c − û_c)
                 rhs = jax.ops.segment_sum((w * e_other)[:, None] * z, refs, num_segments=nl)
-                Lb = chol[b]
-                sol = jax.scipy.linalg.cho_solve((Lb, True), rhs[..., None])[..., 0]
+                Lb, Lbi = chol[b]
+                sol = jnp.sum(Lbi * jnp.sum(Lbi * rhs[:, None, :], axis=2)[:, :, None], axis=1)  # M_bb⁻¹ rhs
                 mu = ub_hat - sol
 
                 tau_cur = jnp.sum(Lb * (U[b] - mu)[:, :, None], axis=1)  # L_b'(u − μ)
                 tau = _t_draws(kp, (nl,), kb)
-                prop = mu + jax.lax.linalg.triangular_solve(Lb, tau[..., None], left_side=True, lower=True,
-                                                            transpose_a=True)[..., 0]
+                prop = mu + jnp.sum(Lbi * tau[:, :, None], axis=1)  # μ + L_b^{-T} τ
                 # log target (exact conditional of each level) minus log t₄ proposal, proposed − current
                 both = jnp.stack([prop, U[b]])  # (2, nl, k)
                 ll = self._ell(eta_minus[:, None] + jnp.sum(z[None] * both[:, refs], axis=2).T, 0)[0]  # (n, 2)
