@@ -36,6 +36,10 @@ ENTRY_POINTS: dict[str, str] = {
     "anova": "stochmm.inference.comparison:anova",
 
     # -- stochastic: posterior
+    "sample": "stochmm.stochastic.posterior:sample",
+    "sample_prior": "stochmm.stochastic.posterior:sample_prior",
+    "diagnose": "stochmm.stochastic.diagnostics:diagnose",
+    "Model.sample": "stochmm.stochastic.posterior:model_sample",
 
     # -- stochastic: importance sampling
     "compare_likelihoods": "stochmm.stochastic.compare:compare_likelihoods",

@@ -800,6 +800,13 @@ class Model:
         """
         return api.resolve("Model.loglik")(self, params, method, **options)
 
+    def sample(self, **options: Any):
+        """sample(**options) -> PosteriorResults
+
+        The posterior of this model by NUTS (:func:`stochmm.stochastic.posterior.sample_model`: priors,
+        draws, warmup, chains, seed, progress, clones, marginalize, ...).
+        """
+        return api.resolve("Model.sample")(self, **options)
 
     # ----------------------------------------------------------------------------- new data
     def new_design(self, newdata: pd.DataFrame) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
