@@ -744,7 +744,8 @@ def _check_draws(draws: Any) -> int:
 def loglik(model: Any, params: Any, method: str = "is", *, draws: int = 10_000, seed: Any = None,
            proposal: str = "t", df: float = 7.0, qmc: bool | None = None, antithetic: bool = False,
            randomizations: int = 16, nagq: int | None = None, rule: str = "tensor", max_nodes: int = 10_000,
-           progress: bool | None = None, warn: bool = True, engine: str = "auto") -> LogLik:
+           inner: int = 8, adapt: int = 2, progress: bool | None = None, warn: bool = True,
+           engine: str = "auto") -> LogLik:
     """loglik(model, params, method="is", *, draws=10000, seed=None, proposal="t", df=7.0, qmc=None, ...) -> LogLik
 
     The log-likelihood of ``model`` at ``params`` on the package's one full scale, by importance
@@ -761,7 +762,8 @@ def loglik(model: Any, params: Any, method: str = "is", *, draws: int = 10_000, 
         grouping factor; default 9 nodes), ``"fast"`` (lme4's nAGQ = 0 criterion: β is profiled
         out, the given β is not used). Linear mixed models: ``"exact"`` or ``"is"``.
     draws : int
-        Importance draws per level (one grouping factor) or in total (joint proposal).
+        Importance draws per level (one grouping factor) or outer draws of the crossed effects (joint
+        proposal; each with ``inner`` draws per level of the first factor).
     seed : int or numpy.random.Generator, optional
     proposal : {"t", "normal"}
         Multivariate Student-t (default; heavier tails than the target, so the weights have a
@@ -775,6 +777,9 @@ def loglik(model: Any, params: Any, method: str = "is", *, draws: int = 10_000, 
         Antithetic pairs (z, −z).
     nagq, rule, max_nodes
         For ``method="agq"`` (see :func:`stochmm.deterministic.quadrature.make_rule`).
+    inner, adapt : int
+        Joint proposal only: conditional draws per level of the first factor for each outer draw,
+        and pilot rounds re-centring the crossed effects' proposal (see :func:`importance_sample`).
     progress : bool, optional
         Progress bar (default: only on a terminal for long runs).
     warn : bool
@@ -816,11 +821,14 @@ def loglik(model: Any, params: Any, method: str = "is", *, draws: int = 10_000, 
     if qmc and (int(randomizations) != randomizations or randomizations < 2):
         raise ValueError(f"randomizations must be an integer >= 2 (the MC SE comes from their spread), got "
                          f"{randomizations!r}")
+    for nm, v, lo in (("inner", inner, 1), ("adapt", adapt, 0)):
+        if isinstance(v, bool) or int(v) != v or v < lo:
+            raise ValueError(f"{nm} must be an integer >= {lo}, got {v!r}")
     if engine not in ("auto", "blocked"):
         raise ValueError(f"engine must be 'auto' or 'blocked', not {engine!r}")
     return importance_sample(model, beta, theta, sigma, draws=draws, seed=seed, proposal=proposal, df=df, qmc=qmc,
                              antithetic=antithetic, randomizations=int(randomizations), progress=progress, warn=warn,
-                             engine=engine)
+                             engine=engine, inner=int(inner), adapt=int(adapt))
 
 
 def model_loglik(model: Any, params: Any, method: str = "is", **options: Any) -> LogLik:
