@@ -568,13 +568,19 @@ def _adapt_outer(eng, st, plan: _Draws, rng, max_elems: int, inner: int, rounds:
         return None
     C = sla.solve_triangular(sysu.Ld[:qr, :qr], np.eye(qr), lower=True, check_finite=False).T  # Lrr⁻ᵀ
     prop = None
-    pilot = _Draws("normal", 0.0, False, False, max(8 * qr, min(plan.size // 4, 400)), 1)
+    pilot = _Draws("normal", 0.0, False, False, int(min(400, max(100, plan.size // 4))), 1)
+    mu = np.zeros(qr)
     for _ in range(int(rounds)):
         keep: list = []
         lw = _joint_logweights(eng, st, pilot, rng, max_elems, False, inner=inner, outer_prop=prop, keep=keep)[0]
         w = np.exp(lw - lw.max())
         w /= w.sum()
-        prop = (np.hstack(keep) @ w, C)
+        ess = 1.0 / np.sum(w * w)
+        # a mean estimated from ESS weighted draws in qr dimensions is noise when ESS << qr: move only as far
+        # as the pilot supports (no move at all when ESS < 2 qr is far off, e.g. InstEval's 1,100 instructors)
+        c = min(1.0, ess / (2.0 * qr))
+        mu = mu + c * (np.hstack(keep) @ w - mu)
+        prop = (mu, C)
     return prop
 
 
