@@ -233,6 +233,11 @@ class ApproximationCheck:
         self.notes: list[str] = []
         if abs(diff) > 0.5 + 2.0 * is_ll.mcse:
             self.flags.append(f"{fit.method} error in log-likelihood > 0.5 ({diff:+.3f} ± {is_ll.mcse:.3f})")
+        if refit is not None and getattr(refit, "mcml_failed", False):
+            self.notes.append("the Monte Carlo ML refit did not reach a higher likelihood than this fit's estimates "
+                              f"(IS log-lik {float(refit.loglik_is):.3f} vs {float(refit.loglik_start):.3f}): how far "
+                              "the estimates move is not resolved; use a larger refit_draws")
+            estimates = None
         if estimates is not None:
             # a Monte Carlo refit moves by its own MC error too: flag only moves beyond 2 MC SE of it
             beyond = estimates["change_se"].abs() - 2.0 * estimates["mc_se_in_se"].fillna(0.0)

@@ -47,7 +47,9 @@ class IsResults(GlmmResults):
     vocabulary, plus ``mc_se`` (Monte Carlo SE of every estimate, θ then β), ``mc_se_ratio`` (the same in
     units of the estimates' standard errors), ``loglik_is`` (the importance-sampling log-likelihood at
     the estimates, a :class:`~stochmm.stochastic.importance.LogLik`), ``se_all`` (SEs of θ and β),
-    ``vcov_theta`` and ``rounds`` (the estimates after each proposal rebuild)."""
+    ``vcov_theta``, ``rounds`` (the estimates after each proposal rebuild), ``loglik_start`` (the IS
+    log-likelihood at the starting estimates) and ``mcml_failed`` (True when the estimates' IS log-likelihood
+    is significantly below the start's: a warning says so)."""
 
     @property
     def method_title(self) -> str:
@@ -348,6 +350,9 @@ def fit_is(model: Any, method: str = "is", *, draws: int = 1000, seed: Any = Non
     ev = eval_draws if eval_draws is not None else (draws if joint else max(10 * draws, 10_000))
     ll_is = importance_sample(model, phi[nt:], phi[:nt], None, draws=int(ev), seed=rng, proposal=proposal, df=df,
                               family=fam, warn=True)
+    # guard: the MC ML estimates must not have a lower (accurately estimated) likelihood than the start
+    ll_start = importance_sample(model, history[0][nt:], history[0][:nt], None, draws=int(ev), seed=rng,
+                                 proposal=proposal, df=df, family=fam, warn=False)
     st = eng.pirls(phi[:nt], phi[nt:])
     b = eng.b_from_u(phi[:nt], st.u)
     from ..deterministic.optsummary import OptSummary
@@ -384,6 +389,16 @@ def fit_is(model: Any, method: str = "is", *, draws: int = 1000, seed: Any = Non
                f"(tolerance {tol}; {status.lower()}): use more draws")
         res.warnings.append(msg)
         warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+    res.loglik_start = ll_start
+    gap = float(ll_is) - float(ll_start)
+    res.mcml_failed = bool(gap < -2.0 * np.hypot(ll_is.mcse, ll_start.mcse))
+    if res.mcml_failed:
+        msg = (f"Monte Carlo ML failed: the importance-sampling log-likelihood at its estimates is {-gap:.3f} "
+               f"(± {np.hypot(ll_is.mcse, ll_start.mcse):.3f}) BELOW that at the starting estimates: with "
+               f"{draws} draws the fixed-draw likelihood is dominated by Monte Carlo noise (effective sample size "
+               "of the weights too small); use many more draws")
+        res.warnings.append(msg)
+        warnings.warn(msg, ImportanceWarning, stacklevel=3)
     ratio = np.nanmax(res.mc_se_ratio.to_numpy()) if np.any(np.isfinite(res.mc_se_ratio)) else np.nan
     if np.isfinite(ratio) and ratio > 0.25:
         msg = (f"Monte Carlo error of the estimates is {ratio:.2f} standard errors "

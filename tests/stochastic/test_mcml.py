@@ -31,7 +31,7 @@ def test_mcml_equals_agq25_mle_within_mc_error(which):
         m = small_cluster_model()
     agq = m.fit(method="agq", nagq=25)
     fit = m.fit(method="is", draws=1000, seed=20261202)
-    assert isinstance(fit, GlmmResults) and fit.method == "IS"
+    assert isinstance(fit, GlmmResults) and fit.method == "IS" and not fit.mcml_failed
     mc = fit.mc_se.to_numpy()
     assert np.all(np.isfinite(mc)) and np.all(mc > 0)
     # |IS MLE − AGQ-25 MLE| within 3 Monte Carlo SEs (plus AGQ's own quadrature error, ~1e-4 here)
