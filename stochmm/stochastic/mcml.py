@@ -375,8 +375,9 @@ def fit_is(model: Any, method: str = "is", *, draws: int = 1000, seed: Any = Non
     res.loglik_is = ll_is
     res.rounds = pd.DataFrame(history, columns=optsum.names).rename_axis("round")
     names = optsum.names
-    res.mc_se = pd.Series(np.sqrt(np.diag(mc_cov)), index=names, name="mc_se")
-    se_all = np.sqrt(np.diag(cov_full))
+    with np.errstate(invalid="ignore"):  # NaN where the Hessian of the fixed-draw likelihood is not definite
+        res.mc_se = pd.Series(np.sqrt(np.diag(mc_cov)), index=names, name="mc_se")
+        se_all = np.sqrt(np.diag(cov_full))
     res.se_all = pd.Series(se_all, index=names, name="se")
     res.mc_se_ratio = pd.Series(np.sqrt(np.diag(mc_cov)) / se_all, index=names, name="mc_se/se")
     res.vcov_theta = pd.DataFrame(cov_full[:nt, :nt], index=model.theta_names, columns=model.theta_names)
