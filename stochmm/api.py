@@ -43,8 +43,16 @@ ENTRY_POINTS: dict[str, str] = {
     "results.influence": "stochmm.inference.diagnostics:influence",
 
     # -- stochastic: posterior
+    "sample": "stochmm.stochastic.posterior:sample",
+    "sample_prior": "stochmm.stochastic.posterior:sample_prior",
+    "diagnose": "stochmm.stochastic.diagnostics:diagnose",
+    "Model.sample": "stochmm.stochastic.posterior:model_sample",
 
     # -- stochastic: importance sampling
+    "compare_likelihoods": "stochmm.stochastic.compare:compare_likelihoods",
+    "Model.loglik": "stochmm.stochastic.importance:model_loglik",
+    "Model.fit:is": "stochmm.stochastic.mcml:fit_is",
+    "check_approximation": "stochmm.stochastic.compare:check_approximation",
 
     # -- stochastic: accuracy studies
 
@@ -78,6 +86,8 @@ def fit(model: Any, method: str | None = None, **options: Any) -> Any:
     ``"agq"`` (with ``nagq=``) or ``"fast"`` (nAGQ = 0)
     (:func:`stochmm.deterministic.glmm.fit_glmm`).
     """
+    if isinstance(method, str) and method.lower() == "is":  # Monte Carlo ML (importance sampling)
+        return resolve("Model.fit:is")(model, **options)
     if model.family_name == "gaussian":
         if method is not None:  # method= and reml=/REML= are two spellings of one choice
             m = method.upper() if isinstance(method, str) else None

@@ -11,7 +11,8 @@ from .ranef import caterpillar
 from .profile import bootstrap_hist, profile_zeta  # noqa: F401
 
 # -- importance sampling
+from .approximation import approximation_error
 
 # -- accuracy studies
 
-__all__ = ["caterpillar"]
+__all__ = ["caterpillar", "approximation_error"]
