@@ -85,8 +85,11 @@ def test_lmm_crossed_penicillin_and_dense_reference():
                  offset=rng.normal(size=len(pen)))
     ml = mg.build(m)
     Ls = [np.array([[0.7]]), np.array([[1.9]])]
-    ref = _dense_lmm(m, np.array([22.5]), Ls, 0.6)[0]
+    ref, mean, cov = _dense_lmm(m, np.array([22.5]), Ls, 0.6)
     assert float(ml.loglik(np.array([22.5]), Ls, 0.6)) == pytest.approx(ref, abs=1e-8)
+    cm, cc = ml.cond_moments(np.array([22.5]), Ls, 0.6)  # the crossed factor's conditional Gaussian
+    np.testing.assert_allclose(np.asarray(cm), mean, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(cc), cov, atol=1e-9)
 
 
 def test_lmm_vector_rest_term_dense_reference():
@@ -200,6 +203,21 @@ def test_vector_agq_equals_deterministic_vector_agq(slopes):
         val = -2 * float(ml.loglik(be, ml.L_list(th)))
         assert val == pytest.approx(agq(eng, th, be, tensor_rule(nq, 2))[0], abs=1e-7)
     assert mg.build(m).kind == "agq(5)"
+
+
+def test_two_terms_on_one_factor_are_one_block():
+    # (1 | id) + (0 + Anger | id): one 2-dimensional block per level, two factors in L_list, b in Z's order
+    v = sm.datasets.load("VerbAgg")
+    m = sm.Model("r2 ~ Anger + btype + (1 | id) + (0 + Anger | id)", v[v["id"].astype(int) <= 40], family="binomial")
+    ml = mg.build(m, nagq=3)
+    assert ml.lay.k0 == 2 and ml.lay.q_rest == 0 and mg.applies(m)[0]
+    th, be = np.array([1.1, 0.07]), np.array([0.2, 0.05, -1.0, -2.0])
+    ref = agq(LevelEngine(m, get_family("binomial")), th, be, tensor_rule(3, 2))[0]
+    assert -2 * float(ml.loglik(be, ml.L_list(th))) == pytest.approx(ref, abs=1e-7)
+    b = np.asarray(ml.draw_ranef(jax.random.PRNGKey(0), be, ml.L_list(th)))
+    assert b.shape == (m.q,) and np.all(np.isfinite(b))
+    # the slopes are the second term's columns: their scale follows its SD (0.07 × Anger), not the intercepts'
+    assert np.std(b[m.z_slices[1]]) < 0.5 * np.std(b[m.z_slices[0]])
 
 
 def test_agq_gradients_match_finite_differences(cbpp, slopes):
