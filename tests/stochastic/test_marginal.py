@@ -101,7 +101,14 @@ def test_lmm_vector_rest_term_dense_reference():
     assert ml.lay.q_rest == 14
     Ls = [np.array([[30.0]]), np.array([[10.0, 0.0], [-2.0, 4.0]])]
     beta = np.array([250.0, 9.0])
-    assert float(ml.loglik(beta, Ls, 28.0)) == pytest.approx(_dense_lmm(m, beta, Ls, 28.0)[0], abs=1e-8)
+    ref = _dense_lmm(m, beta, Ls, 28.0)[0]
+    assert float(ml.loglik(beta, Ls, 28.0)) == pytest.approx(ref, abs=1e-8)
+    # both forms of the Schur downdate: one dense product (chosen here) and the scatter over pairs of pairs
+    # (chosen for sparse crossings such as InstEval's)
+    sparse = mg.build(m)
+    assert ml.lay.dense_S
+    sparse.lay.dense_S = False
+    assert float(sparse.loglik(beta, Ls, 28.0)) == pytest.approx(ref, abs=1e-8)
 
 
 def test_lmm_gradient_matches_finite_differences(sleep):
