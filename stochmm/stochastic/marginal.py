@@ -39,7 +39,7 @@ Examples
 >>> m = sm.Model("Reaction ~ Days + (Days | Subject)", sm.datasets.load("sleepstudy"))
 >>> ml = build(m)
 >>> ml.kind, round(float(ml.loglik(np.array([251.4, 10.47]), [np.array([[24.7, 0.0], [0.2, 5.9]])], 25.6)), 4)
-('exact', -875.9703)
+('exact', -875.9973)
 """
 
 from __future__ import annotations
