@@ -357,6 +357,9 @@ class _LmmMarginal(MarginalLik):
     def cond_moments(self, beta, L_list, sigma):
         """cond_moments(beta, L_list, sigma) -> (mean (q,), covariance (q, q)) of b | y, dense (for tests)."""
         beta, Ls, sigma = self._check(beta, L_list, sigma)
+        return jax.jit(self._cond_moments)(beta, Ls, sigma)
+
+    def _cond_moments(self, beta, Ls, sigma):
         lay = self.lay
         L0, Lr, F, delta, v0, vr, s2 = self._solve(beta, Ls, sigma)
 
