@@ -396,40 +396,35 @@ class _GlmmBase(MarginalLik):
                       self._wt if eta.ndim == 1 else self._wt[:, None], order)
 
 
-def _newton(step_fn, obj_fn, u0, maxiter: int, tol: float = 1e-11):
-    """Damped Newton to the maximum of a (per-block) concave objective, no gradient.
+def _newton(step_fn, u0, maxiter: int, tol: float = 1e-11):
+    """Damped Newton to the maximum of a concave objective made of independent blocks, no gradient.
 
-    ``step_fn(u) -> (h, δ)`` gives the objective per block and the Newton step; ``obj_fn(u) -> h``.
-    Each block halves its own step until the objective does not decrease.
+    ``step_fn(u) -> (h, δ)``: the objective of each block (shape (B,)) and its Newton step at ``u``
+    (shape (B, ...)). One evaluation per iteration: the step proposed at the last accepted point is
+    evaluated; a block whose objective did not decrease takes it (and its new Newton step), the others
+    halve it and try again next iteration.
     """
+    bshape = (-1,) + (1,) * (u0.ndim - 1)
+    h0, d0 = step_fn(u0)
+
     def body(state):
-        u, it, _ = state
-        h, d = step_fn(u)
-        s = jnp.ones(h.shape)
-        bshape = (-1,) + (1,) * (u.ndim - 1)
-
-        def halve_cond(st):
-            s, bad, j = st
-            return jnp.any(bad) & (j < 40)
-
-        def halve(st):
-            s, bad, j = st
-            s = jnp.where(bad, 0.5 * s, s)
-            ht = obj_fn(u + s.reshape(bshape) * d)
-            return s, (ht < h - 1e-12 * (1.0 + jnp.abs(h))) & (s > 1e-10), j + 1
-
-        ht = obj_fn(u + d)
-        bad0 = ht < h - 1e-12 * (1.0 + jnp.abs(h))
-        s, _, _ = jax.lax.while_loop(halve_cond, halve, (s, bad0, 0))
-        step = s.reshape(bshape) * d
-        return u + step, it + 1, jnp.max(jnp.abs(step))
+        u, h, d, s, it, _ = state
+        uc = u + s.reshape(bshape) * d
+        hc, dc = step_fn(uc)
+        ok = hc >= h - 1e-12 * (1.0 + jnp.abs(h))
+        okb = ok.reshape(bshape)
+        u = jnp.where(okb, uc, u)
+        h = jnp.where(ok, hc, h)
+        d = jnp.where(okb, dc, d)
+        s = jnp.where(ok, 1.0, 0.5 * s)
+        nxt = jnp.where(s < 1e-10, 0.0, jnp.max(jnp.abs(s.reshape(bshape) * d).reshape(d.shape[0], -1), axis=1))
+        return u, h, d, s, it + 1, jnp.max(nxt)
 
     def cond(state):
-        _, it, size = state
-        return (it < maxiter) & (size > tol)
+        return (state[4] < maxiter) & (state[5] > tol)
 
-    u, _, _ = jax.lax.while_loop(cond, body, (u0, 0, jnp.asarray(jnp.inf)))
-    return u
+    init = (u0, h0, d0, jnp.ones(h0.shape), 0, jnp.max(jnp.abs(d0)))
+    return jax.lax.while_loop(cond, body, init)[0]
 
 
 def _spd_solve(H, g):
@@ -488,7 +483,7 @@ class _AgqMarginal(_GlmmBase):
             h, g, H = self._hgH(bs, zs, u)
             return h, _spd_solve(H, g)
 
-        u_sg = _newton(step_fn, lambda u: self._h(bs, zs, u), jnp.zeros((self.lay.nlev0, k)), self.newton_maxiter)
+        u_sg = _newton(step_fn, jnp.zeros((self.lay.nlev0, k)), self.newton_maxiter)
         u_sg = jax.lax.stop_gradient(u_sg)
         _, g, H = self._hgH(base, zt, u_sg)
         Hs = jax.lax.stop_gradient(H)
@@ -578,9 +573,6 @@ class _LaplaceMarginal(_GlmmBase):
                  for z, refs, nl in zip(ztr, self._rrefs, lay.rest_nlev)]
         return jnp.concatenate([g0] + parts)
 
-    def _h(self, base, zt0, ztr, u):
-        return jnp.sum(self._ell(self._eta(base, zt0, ztr, u), 0)[0]) - 0.5 * jnp.sum(u * u)
-
     def _hgF(self, base, zt0, ztr, u):
         v, d1, d2 = self._ell(self._eta(base, zt0, ztr, u), 2)
         h = jnp.sum(v) - 0.5 * jnp.sum(u * u)
@@ -608,8 +600,7 @@ class _LaplaceMarginal(_GlmmBase):
             h, g, F = self._hgF(bs, z0s, zrs, u[0])
             return h[None], self._hsolve(F, g)[None]
 
-        u_sg = sg(_newton(step_fn, lambda u: self._h(bs, z0s, zrs, u[0])[None], jnp.zeros((1, self.lay.q)),
-                          self.newton_maxiter)[0])
+        u_sg = sg(_newton(step_fn, jnp.zeros((1, self.lay.q)), self.newton_maxiter)[0])
         _, g, F = self._hgF(base, zt0, ztr, u_sg)
         Fs = jax.tree_util.tree_map(sg, F)
         u = u_sg + self._hsolve(Fs, g)
