@@ -192,6 +192,13 @@ def test_agq_proportions_with_weights_and_poisson_offset(cbpp):
     ref = agq(engp, np.array([0.6]), np.array([-2.2, -1.0, -1.2, -1.7]), tensor_rule(9, 1))[0]
     mlp = mg.build(mp)
     assert mlp.kind == "agq(9)"
+    # prior weights (Poisson: they multiply the log-likelihood and its constants)
+    wts = np.random.default_rng(2).uniform(0.5, 2.0, len(cbpp))
+    mw = sm.Model("incidence ~ period + offset(log(size)) + (1 | herd)", cbpp, family="poisson", weights=wts)
+    refw = agq(LevelEngine(mw, get_family("poisson")), np.array([0.6]), np.array([-2.2, -1.0, -1.2, -1.7]),
+               tensor_rule(9, 1))[0]
+    assert -2 * float(mg.build(mw).loglik(np.array([-2.2, -1.0, -1.2, -1.7]), [np.array([[0.6]])])) == \
+        pytest.approx(refw, abs=1e-7)
     assert -2 * float(mlp.loglik(np.array([-2.2, -1.0, -1.2, -1.7]), [np.array([[0.6]])])) == pytest.approx(ref,
                                                                                                           abs=1e-7)
 
