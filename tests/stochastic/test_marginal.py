@@ -318,8 +318,16 @@ def test_laplace_crossed_equals_deterministic_laplace():
 # ---------------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------------
-def test_bad_input(sleep, cbpp):
+def test_bad_input(sleep, cbpp, monkeypatch):
     fit, ml = sleep
+    # the dense block (factors after the first) has a size limit, with the cost in the message
+    pen = sm.Model("diameter ~ 1 + (1 | plate) + (1 | sample)", sm.datasets.load("penicillin"))
+    monkeypatch.setattr(mg.bc, "MAX_DENSE", 5)
+    ok, why = mg.applies(pen)
+    assert not ok and "limited to 5" in why and "GFlop" in why
+    with pytest.raises(DesignError, match="limited to 5"):
+        mg.build(pen)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="kind"):
         mg.build(fit.model, kind="exactly")
     with pytest.raises(DesignError, match="GLMMs"):
