@@ -30,6 +30,13 @@ draws of b from its conditional posterior given y and the parameters:
 
 :meth:`MarginalLik.draw_info` also returns the mean MH acceptance rate (typically 0.85–0.95 here).
 
+Cost per gradient (``python benchmarks/bench_marginal.py``, 2 cores shared with other jobs, so ±2×):
+LMMs 0.02–0.2 ms for q ≤ 2,000 with one factor (no pass over the data; below the joint density's
+cost), Penicillin 0.03–0.1 ms; AGQ about 15–90 × the joint density's gradient (Newton passes plus K
+node passes over the data: cbpp AGQ-9 0.05–0.16 ms, 10,000 observations 4–14 ms) for a posterior of
+p + θ instead of p + θ + q dimensions; crossed Laplace (VerbAgg) 3–4 ms; InstEval's exact LMM
+(q_dense = 1,128) about 3 s — there full NUTS is the better choice.
+
 Values are on the package's full log-likelihood scale (binomial coefficients, log y!, 2π terms), so
 they equal the deterministic paths' (−2 × ``fit.loglik`` and :func:`stochmm.deterministic.quadrature.agq`).
 
