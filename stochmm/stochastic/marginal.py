@@ -511,7 +511,9 @@ class _AgqMarginal(_GlmmBase):
         Rz = jnp.sum(Linv[:, None, :, :] * self._zk[None, :, :, None], axis=2)  # R z_k, R = L^{-T}: (nlev, K, k)
         logdetR = jnp.sum(jnp.log(jnp.diagonal(Linv, axis1=1, axis2=2)), axis=1)
         U = u[:, None, :] + Rz  # (nlev, K, k)
-        eta = base[:, None] + jnp.sum(zt[:, None, :] * U[self._refs], axis=2)
+        # η_ik = base_i + z̃_i·û_l + (L_l⁻¹ z̃_i)·z_k: an (n, k) × (k, K) product, no (n, K, k) gather
+        C = jnp.sum(Linv[self._refs] * zt[:, None, :], axis=2)  # (n, k)
+        eta = (base + jnp.sum(zt * u[self._refs], axis=1))[:, None] + C @ self._zk.T
         hk = self._seg(self._ell(eta, 0)[0]) - 0.5 * jnp.sum(U * U, axis=2)
         return jnp.sum(logdetR + logsumexp(hk + self._logw[None, :], axis=1)) + self._const
 
