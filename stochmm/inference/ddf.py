@@ -178,19 +178,24 @@ def _satterthwaite_compute(fit: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray
     for i in range(nt):
         J[:, :, i] = sigma**2 * np.asarray(CB @ (D[i] @ CB.T))
     J[:, :, nt] = 2.0 * sigma * Cinv
-    evals, evecs = np.linalg.eigh(H)
+    # the near-zero test runs on the Hessian in (θ, σ/σ̂), which is free of the units of y (H's σ row
+    # scales as 1/σ); for a nonsingular H the result is the same 2 H⁻¹
+    dsc = np.ones(nt + 1)
+    dsc[nt] = sigma
+    evals, evecs = np.linalg.eigh(H * np.outer(dsc, dsc))
     tol = 1e-8
     if np.any(evals < -tol):
-        warnings.warn(f"the Hessian of the deviance in (θ, σ) has {int((evals < -tol).sum())} negative "
+        warnings.warn(f"the Hessian of the deviance in (θ, σ/σ̂) has {int((evals < -tol).sum())} negative "
                       f"eigenvalue(s) ({', '.join(f'{v:.1e}' for v in evals[evals < -tol])}): the fit may not "
                       "have converged; Satterthwaite df use its positive part", UserWarning, stacklevel=4)
     zero = np.abs(evals) <= tol
     if zero.any():
-        warnings.warn(f"the Hessian of the deviance in (θ, σ) has {int(zero.sum())} eigenvalue(s) close to zero "
+        warnings.warn(f"the Hessian of the deviance in (θ, σ/σ̂) has {int(zero.sum())} eigenvalue(s) close to zero "
                       f"({', '.join(f'{v:.1e}' for v in evals[zero])}), e.g. a variance on its boundary; "
                       "Satterthwaite df use its positive part", UserWarning, stacklevel=4)
     pos = evals > tol
     Avp = 2.0 * (evecs[:, pos] / evals[pos]) @ evecs[:, pos].T
+    Avp = Avp * np.outer(dsc, dsc)
     return Avp, J, H
 
 

@@ -125,3 +125,19 @@ def test_bad_ddf_inputs():
         g.coef_table(ddf="satterthwaite")
     with pytest.raises(ValueError, match="pboot"):
         sm.anova(g, ddf="satterthwaite")
+
+
+@pytest.mark.parametrize("scale", [1e5, 1e7, 1e-5])
+def test_satterthwaite_df_invariant_to_the_scale_of_y(scale):
+    # df are scale-free: the near-zero test on the Hessian in (θ, σ) must not depend on the units of y
+    d = sm.datasets.load("sleepstudy")
+    d = d[d["Days"] < 4].reset_index(drop=True)
+    ref = sm.lmer("Reaction ~ Days + (1 | Subject)", d).coef_table(ddf="satterthwaite")["df"]
+    d["Reaction"] = d["Reaction"] * scale
+    fit = sm.lmer("Reaction ~ Days + (1 | Subject)", d)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fit.coef_table(ddf="satterthwaite")["df"]
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
