@@ -106,8 +106,11 @@ def anova(*fits: MixedModelResults, refit: bool = True, ddf: str | None = "satte
             df = f.df - prev.df
             row.update({"Chisq": stat, "Df": df, "Pr(>Chisq)": chi2.sf(stat, df) if df > 0 else np.nan})
             if method == "pboot":
-                pb, nok = pboot_pvalue(prev, f, stat, nsim=nsim, seed=seed, progress=progress, client=client,
-                                       n_jobs=n_jobs)
+                # pbkrtest's getLRT: the bootstrap statistics are ML LRTs, so the observed one is too
+                # (with refit=False REML fits the chi-square columns stay on the REML criterion)
+                s0, s1 = _ml(prev), _ml(f)
+                pb, nok = pboot_pvalue(s0, s1, max(2 * (s1.loglik - s0.loglik), 0.0), nsim=nsim, seed=seed,
+                                       progress=progress, client=client, n_jobs=n_jobs)
                 row.update({"Pr(>Chisq) pboot": pb, "nsim": nok})
         elif method == "pboot":
             row.update({"Pr(>Chisq) pboot": np.nan, "nsim": np.nan})
