@@ -595,6 +595,7 @@ def bootstrap(fit: Any, nsim: int = 1000, seed: int | None = 0, type: str = "par
     (20, 6)
     """
     kind = _check(fit, nsim, type, n_jobs)
+    _check_run(progress, seed, chunk)
     resample = _check_resample(fit, kind, resample)
     nsim = int(nsim)
     seeds = np.random.SeedSequence(seed).spawn(nsim)
@@ -663,6 +664,18 @@ def _check(fit: Any, nsim: Any, type: Any, n_jobs: Any) -> str:
     if isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs < 1:
         raise ValueError(f"n_jobs must be a positive integer, got {n_jobs!r}")
     return type
+
+
+def _check_run(progress: Any, seed: Any, chunk: Any = None) -> None:
+    """The run options shared by the bootstraps: a True/False ``progress``, an integer ``seed``
+    (≥ 0) or None, a positive integer ``chunk`` or None."""
+    from ..errors import check_flag
+
+    check_flag(progress, "progress")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
+        raise ValueError(f"chunk must be a positive integer (replicates per task) or None, got {chunk!r}")
 
 
 def _check_resample(fit: Any, kind: str, resample: Any) -> tuple[str, ...] | None:

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import chi2
 
+from ..errors import check_flag
 from ..results import MixedModelResults
 
 __all__ = ["anova"]
@@ -91,6 +92,7 @@ def anova(*fits: MixedModelResults, refit: bool = True, ddf: str | None = "satte
         from .ddf import ddf_anova
 
         return ddf_anova(fit, ddf, type)
+    check_flag(refit, "refit")
     if method not in ("lrt", "pboot"):
         raise ValueError(f"method must be 'lrt' or 'pboot', not {method!r}")
     _check_comparable(fits)
@@ -147,9 +149,10 @@ def pboot_pvalue(small: MixedModelResults, large: MixedModelResults, stat: float
     ``PBmodcomp``): responses simulated from the ML fit ``small``, both models refitted
     by ML (warm-started, nothing rebuilt); p = (1 + #{LRT* ≥ stat}) / (1 + nsim_used).
     """
-    from .bootstrap import _check, _payload, _progress
+    from .bootstrap import _check, _check_run, _payload, _progress
 
     _check(small, nsim, "parametric", n_jobs)
+    _check_run(progress, seed)
     pls, pll = _payload(small, "parametric", None), _payload(large, "parametric", None)
     pls["reml"] = pll["reml"] = False
     seeds = np.random.SeedSequence(seed).spawn(int(nsim))

@@ -162,3 +162,24 @@ def test_nested_case_bootstrap():
     assert b2.replicates.shape[0] == 8
     with pytest.raises(ValueError, match="innermost"):
         sleep.bootstrap(nsim=2, type="case", resample=(".obs", "Subject"))
+
+
+def test_bootstrap_run_options_are_checked(sleep):
+    """progress, seed and chunk are validated at the entry point (a string flag is not silently true)."""
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        sleep.bootstrap(nsim=2, progress="no")
+    with pytest.raises(ValueError, match="seed must be"):
+        sleep.bootstrap(nsim=2, seed="a", progress=False)
+    with pytest.raises(ValueError, match="seed must be"):
+        sleep.bootstrap(nsim=2, seed=1.5, progress=False)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="chunk must be a positive integer"):
+            sleep.bootstrap(nsim=2, chunk=bad, progress=False)
+    d = sm.datasets.load("sleepstudy")
+    f0 = sm.lmer("Reaction ~ Days + (1 | Subject)", d, reml=False)
+    with pytest.raises(TypeError, match="refit must be True or False"):
+        sm.anova(f0, sleep, refit="no")
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        sm.anova(f0, sleep, method="pboot", nsim=2, progress="no")
+    with pytest.raises(ValueError, match="seed must be"):
+        sm.anova(f0, sleep, method="pboot", nsim=2, seed="a", progress=False)
