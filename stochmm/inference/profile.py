@@ -66,6 +66,8 @@ class Profile:
         points; an endpoint beyond the profiled range is its bound (0 for an SD, ±1
         for a correlation) when the profile reaches it, else NaN.
         """
+        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+            raise ValueError(f"level must be a number in (0, 1), got {level!r}")
         if level in self.intervals:
             return self.intervals[level].copy()
         from scipy.interpolate import PchipInterpolator
@@ -405,6 +407,9 @@ def _profile(fit: Any, which: Any, level: float, delta: float | None) -> Profile
     chosen = _which(which, names, model, lmm)
     zcrit = float(stats.norm.ppf(0.5 + level / 2))
     cutoff = max(1.05 * zcrit, float(np.sqrt(stats.chi2.ppf(0.99, 1))))
+    if delta is not None and (isinstance(delta, bool) or not isinstance(delta, (int, float, np.floating))
+                              or not 0 < delta < np.inf):
+        raise ValueError(f"delta must be a positive number (the target change of ζ between points), got {delta!r}")
     delta = cutoff / 8 if delta is None else float(delta)
     notes: list[str] = []
     if lmm:
@@ -485,6 +490,8 @@ def _which(which: Any, names: list[str], model: Any, lmm: bool) -> list[str]:
         if which == "beta_":
             return names[nvar:]
         which = [which]
+    if not isinstance(which, (list, tuple, pd.Index, np.ndarray)):
+        raise TypeError(f"which must be a parameter name or a list of names, not {type(which).__name__}")
     out = []
     for w in which:
         w = old.get(w, w)

@@ -82,3 +82,18 @@ def test_profile_needs_a_laplace_glmm():
     fit = sm.glmer("cbind(incidence, size - incidence) ~ period + (1 | herd)", sm.datasets.load("cbpp"), nagq=0)
     with pytest.raises(ValueError, match="Laplace"):
         fit.profile()
+
+
+def test_profile_options_are_checked():
+    """delta <= 0 traced nothing and gave NaN intervals silently; which= of another type and a
+    Profile.confint level outside (0, 1) get specific errors."""
+    fit = sm.lmer("Yield ~ 1 + (1 | Batch)", sm.datasets.load("dyestuff"), reml=False)
+    for bad in (0, -1.0, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="delta must be a positive number"):
+            fit.profile(which="sigma", delta=bad)
+    with pytest.raises(TypeError, match="which must be"):
+        fit.profile(which=3)
+    pr = fit.profile(which="sigma")
+    for bad in (2, 0, "0.9"):
+        with pytest.raises(ValueError, match="level must be a number in"):
+            pr.confint(level=bad)
