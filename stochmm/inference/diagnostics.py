@@ -179,6 +179,8 @@ def all_fit(formula: Any, data: pd.DataFrame | None = None, family: Any = None, 
     """
     from ..builder.model import Model
 
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not 0 < tol < np.inf:
+        raise ValueError(f"tol must be a positive number (objective tolerance), got {tol!r}")
     if hasattr(formula, "model") and data is None:
         fit0 = formula
         model = fit0.model
