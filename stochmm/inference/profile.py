@@ -224,8 +224,10 @@ def _root(zfun, a: float, b: float, za: float, zb: float, target: float) -> floa
     if fb == 0:
         return b
     try:
-        return float(so.brentq(lambda v: zfun(v) - target, min(a, b), max(a, b), xtol=1e-9 * max(1.0, abs(a)),
-                               rtol=1e-10))
+        # tolerance on the scale of the bracket (about a standard error), not of the value: an intercept
+        # near 1e8 (y far from 0) keeps its interval to the digits the data have
+        return float(so.brentq(lambda v: zfun(v) - target, min(a, b), max(a, b), xtol=max(1e-9 * abs(b - a), 1e-300),
+                               rtol=4 * np.finfo(float).eps))
     except ValueError:
         return float(a + (target - za) * (b - a) / (zb - za))
 

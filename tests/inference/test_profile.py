@@ -97,3 +97,14 @@ def test_profile_options_are_checked():
     for bad in (2, 0, "0.9"):
         with pytest.raises(ValueError, match="level must be a number in"):
             pr.confint(level=bad)
+
+
+def test_profile_interval_of_the_intercept_keeps_its_digits_when_y_is_far_from_zero():
+    """Adding 1e8 to y moves the intercept's profile interval by exactly 1e8 (the root finder's tolerance
+    was relative to the value: 0.01 at 1e8)."""
+    d = sm.datasets.load("sleepstudy")
+    f = "Reaction ~ Days + (1 | Subject)"
+    base = sm.lmer(f, d, reml=False).profile(which="(Intercept)").confint()
+    c = 1e8
+    sh = sm.lmer(f, d.assign(Reaction=d["Reaction"] + c), reml=False).profile(which="(Intercept)").confint()
+    np.testing.assert_allclose(sh.to_numpy() - c, base.to_numpy(), atol=1e-4)
