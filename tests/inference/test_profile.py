@@ -108,3 +108,15 @@ def test_profile_interval_of_the_intercept_keeps_its_digits_when_y_is_far_from_z
     c = 1e8
     sh = sm.lmer(f, d.assign(Reaction=d["Reaction"] + c), reml=False).profile(which="(Intercept)").confint()
     np.testing.assert_allclose(sh.to_numpy() - c, base.to_numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("c", [1e-5])
+def test_profile_intervals_follow_the_units_of_y(c):
+    """Multiplying y by c multiplies the SD and σ intervals by c and leaves the correlation's alone (the
+    absolute step floors made y·1e-5 return collapsed SD intervals and a correlation of 0.08)."""
+    d = sm.datasets.load("sleepstudy")
+    f = "Reaction ~ Days + (Days | Subject)"
+    base = sm.lmer(f, d, reml=False).profile(which="theta_").confint()
+    got = sm.lmer(f, d.assign(Reaction=d["Reaction"] * c), reml=False).profile(which="theta_").confint()
+    unit = np.where(got.index.str.startswith("cor_"), 1.0, c)[:, None]
+    np.testing.assert_allclose(got.to_numpy() / unit, base.to_numpy(), rtol=1e-4, atol=1e-5)
