@@ -383,7 +383,9 @@ def _between_within_df(fit: Any) -> np.ndarray:
             mx = np.full(refs.max() + 1, -np.inf)
             np.minimum.at(mn, refs, col)
             np.maximum.at(mx, refs, col)
-            if np.allclose(mn, mx):
+            # constant within every level, to rounding of the column's own size (no absolute
+            # tolerance: a column's units must not decide between-group vs within-group)
+            if np.all(mx - mn <= 64 * np.finfo(float).eps * np.abs(col).max()):
                 level[j] = gi + 1
                 break
     N = [1] + [int(groups[g].max()) + 1 for g in order] + [model.n]

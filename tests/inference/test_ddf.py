@@ -141,3 +141,12 @@ def test_satterthwaite_df_invariant_to_the_scale_of_y(scale):
         warnings.simplefilter("error")
         got = fit.coef_table(ddf="satterthwaite")["df"]
     np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("transform", [lambda x: x * 1e-9, lambda x: x + 1e6])
+def test_between_within_levels_do_not_depend_on_the_units_of_x(transform):
+    """Whether a column varies within a group is a yes/no question: Days·1e-9 (below allclose's absolute
+    1e-8) and Days + 1e6 (within allclose's relative 1e-5) still vary within Subject."""
+    d = sm.datasets.load("sleepstudy")
+    fit = sm.lmer("Reaction ~ Days + (1 | Subject)", d.assign(Days=transform(d["Days"])))
+    np.testing.assert_array_equal(fit.coef_table(ddf="between-within")["df"], [161, 161])
