@@ -545,7 +545,15 @@ def contrasts(fit: Any, type: int | str = 3) -> dict[str, np.ndarray]:
     tc = _term_columns(model)
     X = model.X
     if label == "I" or len(tc) <= 1 or model.p <= 1:
-        Lt = _doolittle_Lt(X.T @ X) if model.p > 1 else np.ones((1, 1))
+        if model.p > 1:
+            # Doolittle of the unit-diagonal D X'X D (L = D⁻¹ L_S D): its near-zero tests are then free of
+            # the columns' units; otherwise the same factor as lmerTest's
+            XtX = X.T @ X
+            dg = np.sqrt(np.diag(XtX))
+            dsc = np.where(dg > 0, 1.0 / np.where(dg > 0, dg, 1.0), 1.0)
+            Lt = dsc[:, None] * _doolittle_Lt(XtX * np.outer(dsc, dsc)) / dsc[None, :]
+        else:
+            Lt = np.ones((1, 1))
         return {t: Lt[c] for t, c in tc.items()}
     return _type3(model, tc)
 

@@ -150,3 +150,15 @@ def test_between_within_levels_do_not_depend_on_the_units_of_x(transform):
     d = sm.datasets.load("sleepstudy")
     fit = sm.lmer("Reaction ~ Days + (1 | Subject)", d.assign(Days=transform(d["Days"])))
     np.testing.assert_array_equal(fit.coef_table(ddf="between-within")["df"], [161, 161])
+
+
+@pytest.mark.parametrize("c", [1e-5, 1e-8])
+def test_type1_f_tests_do_not_depend_on_the_units_of_x(ref_data, c):
+    """Type I contrasts come from the Doolittle factor of X'X, whose near-zero test was absolute (as
+    lmerTest's): Days·1e-5 halved the F of Days, Days·1e-8 changed G's."""
+    d = ref_data("ss")
+    f = "Reaction ~ Days * G + (1 | Subject)"
+    base = sm.anova(sm.lmer(f, d), type=1)
+    got = sm.anova(sm.lmer(f, d.assign(Days=d["Days"] * c)), type=1)
+    np.testing.assert_allclose(got["F value"], base["F value"], rtol=1e-5)
+    np.testing.assert_allclose(got["DenDF"], base["DenDF"], rtol=1e-5)
