@@ -412,10 +412,14 @@ def _replicate(payload: dict, kind: str, ss: np.random.SeedSequence, refitter: _
     new, idx = case
     m0 = payload["model"]
     w = m0.prior_weights[idx]
+    # the offset= argument's part of the offset (offset() terms of the formula are re-evaluated on `new`)
+    from ..builder.model import eval_numeric
+
+    extra = m0.offset - sum((eval_numeric(e, m0.frame) for e in m0.parsed.offsets), np.zeros(m0.n))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m = Model(m0.formula, new, family=m0.family, weights=None if np.all(w == 1.0) else w,
-                  offset=(m0.offset[idx] if np.any(m0.offset != 0) and not m0.parsed.offsets else None))
+                  offset=extra[idx] if np.any(extra != 0) else None)
     sub = dict(payload, model=m)
     return _Refitter(sub).refit_y(m.y if m.family_name == "gaussian" else _response_scale(m))
 
