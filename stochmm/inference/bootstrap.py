@@ -604,6 +604,8 @@ def bootstrap(fit: Any, nsim: int = 1000, seed: int | None = 0, type: str = "par
     nsim = int(nsim)
     seeds = np.random.SeedSequence(seed).spawn(nsim)
     payload = _payload(fit, kind, resample)
+    if client is not None and not (hasattr(client, "submit") and hasattr(client, "scheduler_info")):
+        raise TypeError(f"client must be a dask.distributed.Client (or None), got {client.__class__.__name__}")
     workers = 1
     if client is not None:
         workers = max(1, len(client.scheduler_info().get("workers", {})))
@@ -691,7 +693,13 @@ def _check_resample(fit: Any, kind: str, resample: Any) -> tuple[str, ...] | Non
         return (gvars[0] if len(model.terms[0].group.split(":")) == 1 else model.terms[-1].group.split(":")[0],)
     if isinstance(resample, str):
         resample = (resample,)
+    if not isinstance(resample, (list, tuple)) or not all(isinstance(g, str) for g in resample):
+        raise TypeError(f"resample must be a grouping factor's name or a tuple of names, got {resample!r}")
     resample = tuple(resample)
+    if not resample:
+        raise ValueError("resample must name at least one grouping factor (outermost first)")
+    if len(set(resample)) < len(resample):
+        raise ValueError(f"resample names a level more than once: {resample!r}")
     for g in resample:
         if g not in gvars and g != ".obs":
             import difflib

@@ -153,6 +153,8 @@ def pboot_pvalue(small: MixedModelResults, large: MixedModelResults, stat: float
 
     _check(small, nsim, "parametric", n_jobs)
     _check_run(progress, seed)
+    if client is not None and not hasattr(client, "submit"):
+        raise TypeError(f"client must be a dask.distributed.Client (or None), got {client.__class__.__name__}")
     pls, pll = _payload(small, "parametric", None), _payload(large, "parametric", None)
     pls["reml"] = pll["reml"] = False
     seeds = np.random.SeedSequence(seed).spawn(int(nsim))

@@ -198,3 +198,16 @@ def test_case_bootstrap_keeps_an_offset_argument_next_to_formula_offsets():
         bt = fit.bootstrap(nsim=10, seed=1, type="case", progress=False)
     # the replicate intercepts scatter around the estimate within a few standard errors, not 100 away
     assert abs(bt.replicates["(Intercept)"].mean() - fit.fixef["(Intercept)"]) < 3 * fit.se["(Intercept)"]
+
+
+def test_bootstrap_resample_and_client_are_checked(sleep):
+    """resample= must be names of grouping factors, none repeated; client= a dask Client."""
+    for bad in ([], ()):
+        with pytest.raises(ValueError, match="resample must name at least one"):
+            sleep.bootstrap(nsim=2, type="case", resample=bad, progress=False)
+    with pytest.raises(TypeError, match="resample must be"):
+        sleep.bootstrap(nsim=2, type="case", resample=3, progress=False)
+    with pytest.raises(ValueError, match="more than once"):
+        sleep.bootstrap(nsim=2, type="case", resample=("Subject", "Subject"), progress=False)
+    with pytest.raises(TypeError, match="client must be a dask.distributed.Client"):
+        sleep.bootstrap(nsim=2, client="x", progress=False)
