@@ -68,3 +68,12 @@ def test_all_fit_options_are_checked():
     for bad in (-1, 0, "1e-4", float("nan")):
         with pytest.raises(ValueError, match="tol must be a positive number"):
             sm.all_fit("Yield ~ 1 + (1 | Batch)", d, tol=bad)
+
+
+def test_all_fit_refuses_glmm_options_for_an_lmm():
+    """nagq= and method= were silently ignored for a linear mixed model."""
+    d = sm.datasets.load("dyestuff")
+    with pytest.raises(ValueError, match="nagq.*GLMM"):
+        sm.all_fit("Yield ~ 1 + (1 | Batch)", d, nagq=3)
+    with pytest.raises(ValueError, match="method.*GLMM"):
+        sm.all_fit("Yield ~ 1 + (1 | Batch)", d, method="agq")
