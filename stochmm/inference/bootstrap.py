@@ -412,10 +412,14 @@ def _replicate(payload: dict, kind: str, ss: np.random.SeedSequence, refitter: _
     new, idx = case
     m0 = payload["model"]
     w = m0.prior_weights[idx]
+    # the offset= argument's part of the offset (offset() terms of the formula are re-evaluated on `new`)
+    from ..builder.model import eval_numeric
+
+    extra = m0.offset - sum((eval_numeric(e, m0.frame) for e in m0.parsed.offsets), np.zeros(m0.n))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m = Model(m0.formula, new, family=m0.family, weights=None if np.all(w == 1.0) else w,
-                  offset=(m0.offset[idx] if np.any(m0.offset != 0) and not m0.parsed.offsets else None))
+                  offset=extra[idx] if np.any(extra != 0) else None)
     sub = dict(payload, model=m)
     return _Refitter(sub).refit_y(m.y if m.family_name == "gaussian" else _response_scale(m))
 
@@ -595,10 +599,13 @@ def bootstrap(fit: Any, nsim: int = 1000, seed: int | None = 0, type: str = "par
     (20, 6)
     """
     kind = _check(fit, nsim, type, n_jobs)
+    _check_run(progress, seed, chunk)
     resample = _check_resample(fit, kind, resample)
     nsim = int(nsim)
     seeds = np.random.SeedSequence(seed).spawn(nsim)
     payload = _payload(fit, kind, resample)
+    if client is not None and not (hasattr(client, "submit") and hasattr(client, "scheduler_info")):
+        raise TypeError(f"client must be a dask.distributed.Client (or None), got {client.__class__.__name__}")
     workers = 1
     if client is not None:
         workers = max(1, len(client.scheduler_info().get("workers", {})))
@@ -665,6 +672,18 @@ def _check(fit: Any, nsim: Any, type: Any, n_jobs: Any) -> str:
     return type
 
 
+def _check_run(progress: Any, seed: Any, chunk: Any = None) -> None:
+    """The run options shared by the bootstraps: a True/False ``progress``, an integer ``seed``
+    (≥ 0) or None, a positive integer ``chunk`` or None."""
+    from ..errors import check_flag
+
+    check_flag(progress, "progress")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
+        raise ValueError(f"chunk must be a positive integer (replicates per task) or None, got {chunk!r}")
+
+
 def _check_resample(fit: Any, kind: str, resample: Any) -> tuple[str, ...] | None:
     model = fit.model
     gvars = list(dict.fromkeys(v for b in model.parsed.bars for v in b.group_vars))
@@ -674,7 +693,13 @@ def _check_resample(fit: Any, kind: str, resample: Any) -> tuple[str, ...] | Non
         return (gvars[0] if len(model.terms[0].group.split(":")) == 1 else model.terms[-1].group.split(":")[0],)
     if isinstance(resample, str):
         resample = (resample,)
+    if not isinstance(resample, (list, tuple)) or not all(isinstance(g, str) for g in resample):
+        raise TypeError(f"resample must be a grouping factor's name or a tuple of names, got {resample!r}")
     resample = tuple(resample)
+    if not resample:
+        raise ValueError("resample must name at least one grouping factor (outermost first)")
+    if len(set(resample)) < len(resample):
+        raise ValueError(f"resample names a level more than once: {resample!r}")
     for g in resample:
         if g not in gvars and g != ".obs":
             import difflib

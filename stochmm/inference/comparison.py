@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import chi2
 
+from ..errors import check_flag
 from ..results import MixedModelResults
 
 __all__ = ["anova"]
@@ -91,6 +92,7 @@ def anova(*fits: MixedModelResults, refit: bool = True, ddf: str | None = "satte
         from .ddf import ddf_anova
 
         return ddf_anova(fit, ddf, type)
+    check_flag(refit, "refit")
     if method not in ("lrt", "pboot"):
         raise ValueError(f"method must be 'lrt' or 'pboot', not {method!r}")
     _check_comparable(fits)
@@ -106,8 +108,11 @@ def anova(*fits: MixedModelResults, refit: bool = True, ddf: str | None = "satte
             df = f.df - prev.df
             row.update({"Chisq": stat, "Df": df, "Pr(>Chisq)": chi2.sf(stat, df) if df > 0 else np.nan})
             if method == "pboot":
-                pb, nok = pboot_pvalue(prev, f, stat, nsim=nsim, seed=seed, progress=progress, client=client,
-                                       n_jobs=n_jobs)
+                # pbkrtest's getLRT: the bootstrap statistics are ML LRTs, so the observed one is too
+                # (with refit=False REML fits the chi-square columns stay on the REML criterion)
+                s0, s1 = _ml(prev), _ml(f)
+                pb, nok = pboot_pvalue(s0, s1, max(2 * (s1.loglik - s0.loglik), 0.0), nsim=nsim, seed=seed,
+                                       progress=progress, client=client, n_jobs=n_jobs)
                 row.update({"Pr(>Chisq) pboot": pb, "nsim": nok})
         elif method == "pboot":
             row.update({"Pr(>Chisq) pboot": np.nan, "nsim": np.nan})
@@ -144,9 +149,12 @@ def pboot_pvalue(small: MixedModelResults, large: MixedModelResults, stat: float
     ``PBmodcomp``): responses simulated from the ML fit ``small``, both models refitted
     by ML (warm-started, nothing rebuilt); p = (1 + #{LRT* ≥ stat}) / (1 + nsim_used).
     """
-    from .bootstrap import _check, _payload, _progress
+    from .bootstrap import _check, _check_run, _payload, _progress
 
     _check(small, nsim, "parametric", n_jobs)
+    _check_run(progress, seed)
+    if client is not None and not hasattr(client, "submit"):
+        raise TypeError(f"client must be a dask.distributed.Client (or None), got {client.__class__.__name__}")
     pls, pll = _payload(small, "parametric", None), _payload(large, "parametric", None)
     pls["reml"] = pll["reml"] = False
     seeds = np.random.SeedSequence(seed).spawn(int(nsim))

@@ -178,19 +178,24 @@ def _satterthwaite_compute(fit: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray
     for i in range(nt):
         J[:, :, i] = sigma**2 * np.asarray(CB @ (D[i] @ CB.T))
     J[:, :, nt] = 2.0 * sigma * Cinv
-    evals, evecs = np.linalg.eigh(H)
+    # the near-zero test runs on the Hessian in (θ, σ/σ̂), which is free of the units of y (H's σ row
+    # scales as 1/σ); for a nonsingular H the result is the same 2 H⁻¹
+    dsc = np.ones(nt + 1)
+    dsc[nt] = sigma
+    evals, evecs = np.linalg.eigh(H * np.outer(dsc, dsc))
     tol = 1e-8
     if np.any(evals < -tol):
-        warnings.warn(f"the Hessian of the deviance in (θ, σ) has {int((evals < -tol).sum())} negative "
+        warnings.warn(f"the Hessian of the deviance in (θ, σ/σ̂) has {int((evals < -tol).sum())} negative "
                       f"eigenvalue(s) ({', '.join(f'{v:.1e}' for v in evals[evals < -tol])}): the fit may not "
                       "have converged; Satterthwaite df use its positive part", UserWarning, stacklevel=4)
     zero = np.abs(evals) <= tol
     if zero.any():
-        warnings.warn(f"the Hessian of the deviance in (θ, σ) has {int(zero.sum())} eigenvalue(s) close to zero "
+        warnings.warn(f"the Hessian of the deviance in (θ, σ/σ̂) has {int(zero.sum())} eigenvalue(s) close to zero "
                       f"({', '.join(f'{v:.1e}' for v in evals[zero])}), e.g. a variance on its boundary; "
                       "Satterthwaite df use its positive part", UserWarning, stacklevel=4)
     pos = evals > tol
     Avp = 2.0 * (evecs[:, pos] / evals[pos]) @ evecs[:, pos].T
+    Avp = Avp * np.outer(dsc, dsc)
     return Avp, J, H
 
 
@@ -378,7 +383,9 @@ def _between_within_df(fit: Any) -> np.ndarray:
             mx = np.full(refs.max() + 1, -np.inf)
             np.minimum.at(mn, refs, col)
             np.maximum.at(mx, refs, col)
-            if np.allclose(mn, mx):
+            # constant within every level, to rounding of the column's own size (no absolute
+            # tolerance: a column's units must not decide between-group vs within-group)
+            if np.all(mx - mn <= 64 * np.finfo(float).eps * np.abs(col).max()):
                 level[j] = gi + 1
                 break
     N = [1] + [int(groups[g].max()) + 1 for g in order] + [model.n]
@@ -538,7 +545,15 @@ def contrasts(fit: Any, type: int | str = 3) -> dict[str, np.ndarray]:
     tc = _term_columns(model)
     X = model.X
     if label == "I" or len(tc) <= 1 or model.p <= 1:
-        Lt = _doolittle_Lt(X.T @ X) if model.p > 1 else np.ones((1, 1))
+        if model.p > 1:
+            # Doolittle of the unit-diagonal D X'X D (L = D⁻¹ L_S D): its near-zero tests are then free of
+            # the columns' units; otherwise the same factor as lmerTest's
+            XtX = X.T @ X
+            dg = np.sqrt(np.diag(XtX))
+            dsc = np.where(dg > 0, 1.0 / np.where(dg > 0, dg, 1.0), 1.0)
+            Lt = dsc[:, None] * _doolittle_Lt(XtX * np.outer(dsc, dsc)) / dsc[None, :]
+        else:
+            Lt = np.ones((1, 1))
         return {t: Lt[c] for t, c in tc.items()}
     return _type3(model, tc)
 

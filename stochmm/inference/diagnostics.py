@@ -179,6 +179,8 @@ def all_fit(formula: Any, data: pd.DataFrame | None = None, family: Any = None, 
     """
     from ..builder.model import Model
 
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not 0 < tol < np.inf:
+        raise ValueError(f"tol must be a positive number (objective tolerance), got {tol!r}")
     if hasattr(formula, "model") and data is None:
         fit0 = formula
         model = fit0.model
@@ -194,6 +196,11 @@ def all_fit(formula: Any, data: pd.DataFrame | None = None, family: Any = None, 
         model = Model(formula, data, family=family, **model_options)
     if not isinstance(reml, bool):
         raise TypeError(f"reml must be True or False, not {reml!r}")
+    if model.family_name == "gaussian":
+        for name, value in (("nagq", nagq), ("method", method)):
+            if value is not None:
+                raise ValueError(f"{name}={value!r} is a GLMM option; this is a linear mixed model (its "
+                                 "optimisers run on the profiled deviance)")
     rows, fits = [], []
     if model.family_name == "gaussian":
         from ..deterministic.lmm import moment_start_applies

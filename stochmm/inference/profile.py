@@ -66,6 +66,8 @@ class Profile:
         points; an endpoint beyond the profiled range is its bound (0 for an SD, ±1
         for a correlation) when the profile reaches it, else NaN.
         """
+        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 1:
+            raise ValueError(f"level must be a number in (0, 1), got {level!r}")
         if level in self.intervals:
             return self.intervals[level].copy()
         from scipy.interpolate import PchipInterpolator
@@ -222,8 +224,10 @@ def _root(zfun, a: float, b: float, za: float, zb: float, target: float) -> floa
     if fb == 0:
         return b
     try:
-        return float(so.brentq(lambda v: zfun(v) - target, min(a, b), max(a, b), xtol=1e-9 * max(1.0, abs(a)),
-                               rtol=1e-10))
+        # tolerance on the scale of the bracket (about a standard error), not of the value: an intercept
+        # near 1e8 (y far from 0) keeps its interval to the digits the data have
+        return float(so.brentq(lambda v: zfun(v) - target, min(a, b), max(a, b), xtol=max(1e-9 * abs(b - a), 1e-300),
+                               rtol=4 * np.finfo(float).eps))
     except ValueError:
         return float(a + (target - za) * (b - a) / (zb - za))
 
@@ -232,12 +236,13 @@ class _ZetaVar:
     """ζ of one component of the LMM's variance vector, inner BOBYQA warm-started."""
 
     def __init__(self, dev, i: int, phi_hat: np.ndarray, lower: np.ndarray, upper: np.ndarray, base: float,
-                 est: float) -> None:
+                 est: float, unit: np.ndarray) -> None:
         from ..deterministic.optsummary import minimize_bounded
 
         self.min = minimize_bounded
         self.dev, self.i, self.phi_hat = dev, i, phi_hat
         self.free = np.arange(phi_hat.size) != i
+        self.unit = unit[self.free]
         self.lower, self.upper = lower[self.free], upper[self.free]
         self.base, self.est = base, est
         self.reset()
@@ -254,7 +259,7 @@ class _ZetaVar:
             return self.dev(phi)
 
         x0 = np.clip(self.x, self.lower + 1e-10, self.upper - 1e-10)
-        step = np.maximum(0.05 * np.abs(x0), 1e-3)
+        step = np.maximum(0.05 * np.abs(x0), 1e-3 * self.unit)
         opt = self.min(f, x0, self.lower, self.upper, initial_step=step, ftol_rel=1e-13, ftol_abs=1e-10,
                        xtol_abs=1e-9)
         self.x = opt.xfinal.copy()
@@ -405,6 +410,9 @@ def _profile(fit: Any, which: Any, level: float, delta: float | None) -> Profile
     chosen = _which(which, names, model, lmm)
     zcrit = float(stats.norm.ppf(0.5 + level / 2))
     cutoff = max(1.05 * zcrit, float(np.sqrt(stats.chi2.ppf(0.99, 1))))
+    if delta is not None and (isinstance(delta, bool) or not isinstance(delta, (int, float, np.floating))
+                              or not 0 < delta < np.inf):
+        raise ValueError(f"delta must be a positive number (the target change of ζ between points), got {delta!r}")
     delta = cutoff / 8 if delta is None else float(delta)
     notes: list[str] = []
     if lmm:
@@ -432,20 +440,22 @@ def _profile(fit: Any, which: Any, level: float, delta: float | None) -> Profile
                              "profile the Laplace fit (method='laplace') instead")
         base = eng.laplace(fit.theta, fit._beta)[0]
     lower, upper = _bounds(model, names, lmm)
-    se = _scales(fit, est, names, model, lmm)
+    # SDs and σ are in the units of y (σ̂ is their unit), correlations and β's steps (Wald SEs) scale-free
+    unit = np.array([fit.sigma if lmm and not nm.startswith("cor_") else 1.0 for nm in names])
+    se = _scales(fit, est, names, model, lmm, unit)
     rows, ivals = [], {}
     nv = len(names) - model.p
     for par in chosen:
         i = names.index(par)
         if lmm and i < nv:
-            zf = _ZetaVar(dev.var, i, est[:nv], lower[:nv], upper[:nv], base, est[i])
+            zf = _ZetaVar(dev.var, i, est[:nv], lower[:nv], upper[:nv], base, est[i], unit[:nv])
         elif lmm:
             zf = _ZetaBetaLmm(dev, i - nv, fit.theta, base, est[i])
         else:
             zf = _ZetaGlmm(eng, model, i, est, lower, upper, base, est[i], nt, scalar, se)
         step0 = delta * se[i]
         if i < nv and est[i] == 0 and lower[i] == 0:
-            step0 = max(step0, 1e-3)
+            step0 = max(step0, 1e-3 * unit[i])
         pts, cross = _trace(zf, est[i], step0, lower[i], upper[i], cutoff, zcrit, delta)
         a = cross.get(-1, np.nan)
         b = cross.get(1, np.nan)
@@ -485,6 +495,8 @@ def _which(which: Any, names: list[str], model: Any, lmm: bool) -> list[str]:
         if which == "beta_":
             return names[nvar:]
         which = [which]
+    if not isinstance(which, (list, tuple, pd.Index, np.ndarray)):
+        raise TypeError(f"which must be a parameter name or a list of names, not {type(which).__name__}")
     out = []
     for w in which:
         w = old.get(w, w)
@@ -513,7 +525,7 @@ def _bounds(model: Any, names: list[str], lmm: bool) -> tuple[np.ndarray, np.nda
     return np.asarray(lo), np.asarray(hi)
 
 
-def _scales(fit: Any, est: np.ndarray, names: list[str], model: Any, lmm: bool) -> np.ndarray:
+def _scales(fit: Any, est: np.ndarray, names: list[str], model: Any, lmm: bool, unit: np.ndarray) -> np.ndarray:
     """Step scales: Wald SEs for β; for variance parameters a fraction of the estimate (lme4 steps
     them by ~1 % first and adapts)."""
     nv = len(names) - model.p
@@ -521,5 +533,5 @@ def _scales(fit: Any, est: np.ndarray, names: list[str], model: Any, lmm: bool) 
     s[nv:] = np.sqrt(np.diag(fit._vcov)) if model.p else []
     for i in range(nv):
         v = abs(est[i])
-        s[i] = max(0.2 * v, 0.05) if names[i].startswith("sd_") or names[i] == "sigma" else 0.25
+        s[i] = max(0.2 * v, 0.05 * unit[i]) if names[i].startswith("sd_") or names[i] == "sigma" else 0.25
     return s

@@ -162,3 +162,52 @@ def test_nested_case_bootstrap():
     assert b2.replicates.shape[0] == 8
     with pytest.raises(ValueError, match="innermost"):
         sleep.bootstrap(nsim=2, type="case", resample=(".obs", "Subject"))
+
+
+def test_bootstrap_run_options_are_checked(sleep):
+    """progress, seed and chunk are validated at the entry point (a string flag is not silently true)."""
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        sleep.bootstrap(nsim=2, progress="no")
+    with pytest.raises(ValueError, match="seed must be"):
+        sleep.bootstrap(nsim=2, seed="a", progress=False)
+    with pytest.raises(ValueError, match="seed must be"):
+        sleep.bootstrap(nsim=2, seed=1.5, progress=False)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="chunk must be a positive integer"):
+            sleep.bootstrap(nsim=2, chunk=bad, progress=False)
+    d = sm.datasets.load("sleepstudy")
+    f0 = sm.lmer("Reaction ~ Days + (1 | Subject)", d, reml=False)
+    with pytest.raises(TypeError, match="refit must be True or False"):
+        sm.anova(f0, sleep, refit="no")
+    with pytest.raises(TypeError, match="progress must be True or False"):
+        sm.anova(f0, sleep, method="pboot", nsim=2, progress="no")
+    with pytest.raises(ValueError, match="seed must be"):
+        sm.anova(f0, sleep, method="pboot", nsim=2, seed="a", progress=False)
+
+
+def test_case_bootstrap_keeps_an_offset_argument_next_to_formula_offsets():
+    """A fit with offset(o1) in the formula and offset="o2": the rebuilt replicates must keep both (o2 was
+    dropped, shifting every intercept by its value)."""
+    import warnings
+
+    d = sm.datasets.load("sleepstudy")
+    d["o1"], d["o2"] = 0.5 * d["Days"], 100.0
+    fit = sm.lmer("Reaction ~ Days + offset(o1) + (1 | Subject)", d, offset="o2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bt = fit.bootstrap(nsim=10, seed=1, type="case", progress=False)
+    # the replicate intercepts scatter around the estimate within a few standard errors, not 100 away
+    assert abs(bt.replicates["(Intercept)"].mean() - fit.fixef["(Intercept)"]) < 3 * fit.se["(Intercept)"]
+
+
+def test_bootstrap_resample_and_client_are_checked(sleep):
+    """resample= must be names of grouping factors, none repeated; client= a dask Client."""
+    for bad in ([], ()):
+        with pytest.raises(ValueError, match="resample must name at least one"):
+            sleep.bootstrap(nsim=2, type="case", resample=bad, progress=False)
+    with pytest.raises(TypeError, match="resample must be"):
+        sleep.bootstrap(nsim=2, type="case", resample=3, progress=False)
+    with pytest.raises(ValueError, match="more than once"):
+        sleep.bootstrap(nsim=2, type="case", resample=("Subject", "Subject"), progress=False)
+    with pytest.raises(TypeError, match="client must be a dask.distributed.Client"):
+        sleep.bootstrap(nsim=2, client="x", progress=False)

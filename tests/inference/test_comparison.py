@@ -75,3 +75,11 @@ def test_wald_confint(fits):
     ci = fits[1].confint()
     assert list(ci.columns) == ["2.5 %", "97.5 %"]
     np.testing.assert_allclose(ci.to_numpy(), [[238.02914112, 264.78106858], [7.43759393, 13.49697799]], rtol=1e-5)
+
+
+def test_pboot_is_on_ml_fits_even_with_refit_false(fits):
+    """As pbkrtest's getLRT: the bootstrap LRT refits by ML, so the observed statistic it is compared
+    with must be the ML one too, whatever refit= says about the chi-square columns."""
+    a = sm.anova(*fits, method="pboot", nsim=20, seed=5, progress=False)
+    b = sm.anova(*fits, refit=False, method="pboot", nsim=20, seed=5, progress=False)
+    assert b["Pr(>Chisq) pboot"].iloc[1] == a["Pr(>Chisq) pboot"].iloc[1]

@@ -125,3 +125,40 @@ def test_bad_ddf_inputs():
         g.coef_table(ddf="satterthwaite")
     with pytest.raises(ValueError, match="pboot"):
         sm.anova(g, ddf="satterthwaite")
+
+
+@pytest.mark.parametrize("scale", [1e5, 1e7, 1e-5])
+def test_satterthwaite_df_invariant_to_the_scale_of_y(scale):
+    # df are scale-free: the near-zero test on the Hessian in (θ, σ) must not depend on the units of y
+    d = sm.datasets.load("sleepstudy")
+    d = d[d["Days"] < 4].reset_index(drop=True)
+    ref = sm.lmer("Reaction ~ Days + (1 | Subject)", d).coef_table(ddf="satterthwaite")["df"]
+    d["Reaction"] = d["Reaction"] * scale
+    fit = sm.lmer("Reaction ~ Days + (1 | Subject)", d)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fit.coef_table(ddf="satterthwaite")["df"]
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("transform", [lambda x: x * 1e-9, lambda x: x + 1e6])
+def test_between_within_levels_do_not_depend_on_the_units_of_x(transform):
+    """Whether a column varies within a group is a yes/no question: Days·1e-9 (below allclose's absolute
+    1e-8) and Days + 1e6 (within allclose's relative 1e-5) still vary within Subject."""
+    d = sm.datasets.load("sleepstudy")
+    fit = sm.lmer("Reaction ~ Days + (1 | Subject)", d.assign(Days=transform(d["Days"])))
+    np.testing.assert_array_equal(fit.coef_table(ddf="between-within")["df"], [161, 161])
+
+
+@pytest.mark.parametrize("c", [1e-5, 1e-8])
+def test_type1_f_tests_do_not_depend_on_the_units_of_x(ref_data, c):
+    """Type I contrasts come from the Doolittle factor of X'X, whose near-zero test was absolute (as
+    lmerTest's): Days·1e-5 halved the F of Days, Days·1e-8 changed G's."""
+    d = ref_data("ss")
+    f = "Reaction ~ Days * G + (1 | Subject)"
+    base = sm.anova(sm.lmer(f, d), type=1)
+    got = sm.anova(sm.lmer(f, d.assign(Days=d["Days"] * c)), type=1)
+    np.testing.assert_allclose(got["F value"], base["F value"], rtol=1e-5)
+    np.testing.assert_allclose(got["DenDF"], base["DenDF"], rtol=1e-5)

@@ -60,3 +60,20 @@ def test_plots():
     fig2 = fit.bootstrap(nsim=10, progress=False).plot()
     assert len(fig2.axes) == 6
     plt.close("all")
+
+
+def test_all_fit_options_are_checked():
+    """tol <= 0 flagged every optimiser as disagreeing (with a warning that blamed the optimisers)."""
+    d = sm.datasets.load("dyestuff")
+    for bad in (-1, 0, "1e-4", float("nan")):
+        with pytest.raises(ValueError, match="tol must be a positive number"):
+            sm.all_fit("Yield ~ 1 + (1 | Batch)", d, tol=bad)
+
+
+def test_all_fit_refuses_glmm_options_for_an_lmm():
+    """nagq= and method= were silently ignored for a linear mixed model."""
+    d = sm.datasets.load("dyestuff")
+    with pytest.raises(ValueError, match="nagq.*GLMM"):
+        sm.all_fit("Yield ~ 1 + (1 | Batch)", d, nagq=3)
+    with pytest.raises(ValueError, match="method.*GLMM"):
+        sm.all_fit("Yield ~ 1 + (1 | Batch)", d, method="agq")

@@ -82,3 +82,41 @@ def test_profile_needs_a_laplace_glmm():
     fit = sm.glmer("cbind(incidence, size - incidence) ~ period + (1 | herd)", sm.datasets.load("cbpp"), nagq=0)
     with pytest.raises(ValueError, match="Laplace"):
         fit.profile()
+
+
+def test_profile_options_are_checked():
+    """delta <= 0 traced nothing and gave NaN intervals silently; which= of another type and a
+    Profile.confint level outside (0, 1) get specific errors."""
+    fit = sm.lmer("Yield ~ 1 + (1 | Batch)", sm.datasets.load("dyestuff"), reml=False)
+    for bad in (0, -1.0, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="delta must be a positive number"):
+            fit.profile(which="sigma", delta=bad)
+    with pytest.raises(TypeError, match="which must be"):
+        fit.profile(which=3)
+    pr = fit.profile(which="sigma")
+    for bad in (2, 0, "0.9"):
+        with pytest.raises(ValueError, match="level must be a number in"):
+            pr.confint(level=bad)
+
+
+def test_profile_interval_of_the_intercept_keeps_its_digits_when_y_is_far_from_zero():
+    """Adding 1e8 to y moves the intercept's profile interval by exactly 1e8 (the root finder's tolerance
+    was relative to the value: 0.01 at 1e8)."""
+    d = sm.datasets.load("sleepstudy")
+    f = "Reaction ~ Days + (1 | Subject)"
+    base = sm.lmer(f, d, reml=False).profile(which="(Intercept)").confint()
+    c = 1e8
+    sh = sm.lmer(f, d.assign(Reaction=d["Reaction"] + c), reml=False).profile(which="(Intercept)").confint()
+    np.testing.assert_allclose(sh.to_numpy() - c, base.to_numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("c", [1e-5])
+def test_profile_intervals_follow_the_units_of_y(c):
+    """Multiplying y by c multiplies the SD and σ intervals by c and leaves the correlation's alone (the
+    absolute step floors made y·1e-5 return collapsed SD intervals and a correlation of 0.08)."""
+    d = sm.datasets.load("sleepstudy")
+    f = "Reaction ~ Days + (Days | Subject)"
+    base = sm.lmer(f, d, reml=False).profile(which="theta_").confint()
+    got = sm.lmer(f, d.assign(Reaction=d["Reaction"] * c), reml=False).profile(which="theta_").confint()
+    unit = np.where(got.index.str.startswith("cor_"), 1.0, c)[:, None]
+    np.testing.assert_allclose(got.to_numpy() / unit, base.to_numpy(), rtol=1e-4, atol=1e-5)
