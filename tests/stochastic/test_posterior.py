@@ -179,11 +179,13 @@ def test_diagnostics_agree_with_arviz():
     ref_rhat = np.asarray(az.rhat(ds)["a"].values)
     # the vectorised screening versions: the same algorithm up to the autocorrelation truncation
     assert np.allclose(diag.ess_bulk(x), ref_bulk, rtol=1e-2)
-    assert np.allclose(diag.ess_tail(x), ref_tail, rtol=1e-2)
     assert np.allclose(diag.rhat(x), ref_rhat, rtol=1e-4)
+    if not is_arviz_1():  # ArviZ 1.x (arviz-stats) computes the tail ESS differently from Vehtari et al.'s
+        assert np.allclose(diag.ess_tail(x), ref_tail, rtol=1e-2)
     # the table is ArviZ's own numbers
     t = diag.param_table({"a": x[..., 0], "b": x[..., 1], "c": x[..., 2]})
     assert np.allclose(t["ess_bulk"], ref_bulk, rtol=1e-10) and np.allclose(t["r_hat"], ref_rhat, rtol=1e-10)
+    assert np.allclose(t["ess_tail"], ref_tail, rtol=1e-10)
 
 
 # --------------------------------------------------------------------------------------------------
