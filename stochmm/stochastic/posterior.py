@@ -52,7 +52,7 @@ from ..builder.model import Model  # noqa: E402
 from ..errors import DataError, StochmmError  # noqa: E402
 from ..results import Summary  # noqa: E402
 from . import diagnostics as diag  # noqa: E402
-from .idata import make_idata  # noqa: E402
+from .idata import group_dataset, make_idata  # noqa: E402
 from .priors import ParamLayout, PriorError, describe, layout, resolve_priors  # noqa: E402
 
 __all__ = ["sample", "sample_model", "sample_prior", "PosteriorResults", "SamplingError", "PriorError"]
@@ -125,9 +125,10 @@ def _data(model: Model) -> _Data:
                  [t.nlev for t in model.terms], [t.k for t in model.terms], trials, cbind)
 
 
-def _loglik_obs(d: _Data, eta: Any, sigma: Any) -> Any:
-    """Pointwise log-likelihood (constants included) at linear predictor ``eta``."""
-    y, wt = d.y, d.wt
+def _loglik_obs(d: _Data, eta: Any, sigma: Any, y: Any = None) -> Any:
+    """Pointwise log-likelihood (constants included) at linear predictor ``eta`` (``y``: another response of
+    the same model, for simulation studies; the constants stay those of the model's own response)."""
+    y, wt = (d.y if y is None else y), d.wt
     if d.kind == "gaussian":
         r = y - eta
         return d.const - jnp.log(sigma) - 0.5 * wt * r * r / (sigma * sigma)
@@ -314,14 +315,14 @@ class _Density:
     def sigma(self, params: dict[str, Any]) -> Any:
         return jnp.exp(self.log_sigma(params)) if self.lay.sigma else None
 
-    def log_density(self, params: dict[str, Any]) -> Any:
+    def log_density(self, params: dict[str, Any], y: Any = None) -> Any:
         beta, bs, Ls, _ = self.effects(params)
         lp, _ = self.log_prior(params, beta)
         if self.marginal is not None:
             ll = self.marginal.loglik(beta, Ls, self.sigma(params))
             return lp + self.clones * ll
         lp = lp + self.log_ranef_prior(params, Ls)
-        return lp + jnp.sum(_loglik_obs(self.d, self.eta(beta, bs), self.sigma(params)))
+        return lp + jnp.sum(_loglik_obs(self.d, self.eta(beta, bs), self.sigma(params), y))
 
     # -- reported quantities ---------------------------------------------------------------------
     def constrain(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -375,10 +376,16 @@ def _auto_centered(model: Model, fit: Any, sigma: float | None) -> list[bool]:
     return out
 
 
-def _start(dens: _Density, fit: Any, chains: int, rng: np.random.Generator) -> dict[str, Any]:
+def _start(dens: _Density, fit: Any, chains: int, rng: np.random.Generator, *,
+           values: tuple[np.ndarray, list[np.ndarray], float, np.ndarray] | None = None) -> dict[str, Any]:
+    """Start values per chain: the ML fit (or ``values`` = (β raw, absolute L_j, σ, b)) with a small jitter."""
     model, d, lay = dens.model, dens.d, dens.lay
     K = dens.clones
-    if fit is not None:
+    if values is not None:
+        beta_raw, Ls, s, b = (np.asarray(values[0], dtype=float), [np.asarray(L) for L in values[1]],
+                              float(values[2]), np.asarray(values[3], dtype=float))
+        se = np.full(model.p, 0.1)
+    elif fit is not None:
         beta_raw = np.asarray(fit.fixef, dtype=float)
         s = float(fit.sigma) if lay.sigma else 1.0
         Ls = [s * T for T in model.lambda_blocks(fit.theta)]
@@ -649,23 +656,11 @@ def sample_model(model: Model, *, priors: dict[str, Any] | None = None, draws: i
     _check_finite(dens, init)
     t_init = time.perf_counter() - t0
 
-    from numpyro.infer import MCMC, NUTS
-
-    logd = jax.jit(dens.log_density)
-
-    def potential(params):
-        return -logd(params)
-
-    kernel = NUTS(potential_fn=potential, **nuts_options)
     show = progress and sys.stderr.isatty()
-    mcmc = MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains, chain_method=cm,
-                progress_bar=show, thinning=thinning)
-    if chains == 1:
-        init = {k: v[0] for k, v in init.items()}
+    mcmc = _make_mcmc(dens, init, chains=chains, warmup=warmup, draws=draws, chain_method=cm, progress=show,
+                      thinning=thinning, nuts_options=nuts_options)
     t1 = time.perf_counter()
-    mcmc.run(jax.random.PRNGKey(int(seed)), init_params=init,
-             extra_fields=("diverging", "energy", "num_steps", "adapt_state.step_size", "potential_energy",
-                           "accept_prob"))
+    _run(mcmc, seed, dens.d.y, init, chains)
     samples = mcmc.get_samples(group_by_chain=True)
     jax.block_until_ready(samples)
     t_sample = time.perf_counter() - t1
@@ -678,6 +673,36 @@ def sample_model(model: Model, *, priors: dict[str, Any] | None = None, draws: i
     res.ml_fit = fit
     res._check(warn)
     return res
+
+
+_EXTRA = ("diverging", "energy", "num_steps", "adapt_state.step_size", "potential_energy", "accept_prob")
+
+
+def _make_mcmc(dens: _Density, init: dict[str, Any], *, chains: int, warmup: int, draws: int, chain_method: str,
+               progress: bool, thinning: int, nuts_options: dict[str, Any]) -> Any:
+    """NumPyro's MCMC over the unconstrained parameters, the response an argument of the model (so a new
+    response of the same shape — simulation-based calibration — reuses the compiled sampler)."""
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.distributions import constraints
+    from numpyro.infer import MCMC, NUTS
+
+    shapes = {k: tuple(v.shape[1:]) for k, v in init.items()}
+
+    def npmodel(y):
+        params = {k: numpyro.sample(k, dist.ImproperUniform(constraints.real, (), shape)) if shape else
+                  numpyro.sample(k, dist.ImproperUniform(constraints.real, (), ())) for k, shape in shapes.items()}
+        numpyro.factor("log_density", dens.log_density(params, y))
+
+    kernel = NUTS(npmodel, **nuts_options)
+    return MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains, chain_method=chain_method,
+                progress_bar=progress, thinning=thinning, jit_model_args=True)
+
+
+def _run(mcmc: Any, seed: int, y: Any, init: dict[str, Any], chains: int) -> None:
+    if chains == 1:
+        init = {k: v[0] for k, v in init.items()}
+    mcmc.run(jax.random.PRNGKey(int(seed)), jnp.asarray(y), init_params=init, extra_fields=_EXTRA)
 
 
 def _check_fixed(model: Model, fixed: Any) -> dict[str, float]:
