@@ -4,9 +4,9 @@ Draw parameters from the prior, a response from the model at them, sample the po
 and record the rank of the true value among (thinned) posterior draws. If the sampler is right, each
 parameter's rank is uniform on 0..L; a χ² test over equal-width bins checks it.
 
-Full NUTS: the replications are independent, so their posteriors are sampled *jointly*, as one NUTS chain on
-the product space (the log density is the sum over replications, vmapped): one compilation for all of them;
-each replication's coordinates are a valid MCMC sample of its own posterior (the product's marginals). Marginal
+Full NUTS: every replication is its own NUTS chain (own warm-up, step size and mass matrix), and the
+replications are vmapped through NumPyro's functional ``hmc`` kernels with the response an argument: one
+compilation for all of them. Marginal
 NUTS builds its marginal likelihood around each response, so each replication is its own run (and
 compilation) — slower; use fewer replications there.
 """
@@ -134,31 +134,34 @@ def sbc(model: Model, *, reps: int = 200, draws: int = 400, warmup: int = 300, t
         return np.stack(cols, axis=-1)
 
     if not marginalize:
-        import numpyro
-        import numpyro.distributions as dist
-        from numpyro.distributions import constraints
-        from numpyro.infer import MCMC, NUTS
+        from numpyro.infer.hmc import hmc
 
         dens = P._Density(model, pri, user, centered=[False] * len(model.terms), clones=1)
         inits = [P._start(dens, None, 1, rng, values=true_values(dens, r)) for r in range(reps)]
-        init = {k: jnp.concatenate([i[k] for i in inits])[None] for k in inits[0]}  # (1 chain, reps, ...)
-        shapes = {k: tuple(v.shape[1:]) for k, v in init.items()}
-        batched = jax.vmap(dens.log_density)
+        init = {k: jnp.concatenate([i[k] for i in inits]) for k in inits[0]}  # (reps, ...)
+        opts = dict(nuts_options or {})
 
-        def npmodel(Y):
-            params = {k: numpyro.sample(k, dist.ImproperUniform(constraints.real, (), shape))
-                      for k, shape in shapes.items()}
-            numpyro.factor("log_density", jnp.sum(batched(params, Y)))
+        def potential_gen(y):
+            return lambda params: -dens.log_density(params, y)
 
-        mcmc = MCMC(NUTS(npmodel, **dict(nuts_options or {})), num_warmup=warmup, num_samples=draws, num_chains=1,
-                    progress_bar=False, thinning=thin)
-        mcmc.run(jax.random.PRNGKey(seed + 1000), jnp.asarray(yrep), init_params={k: v[0] for k, v in init.items()},
-                 extra_fields=("diverging",))
-        samples = mcmc.get_samples()  # (L, reps, ...)
-        div = int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum())
-        cons = jax.jit(jax.vmap(jax.vmap(dens.constrain)))(samples)
-        draws_all = columns(dens, cons)  # (L, reps, P)
-        ranks = np.sum(draws_all < true[None], axis=0)
+        init_kernel, sample_kernel = hmc(potential_fn_gen=potential_gen, algo="NUTS")
+
+        def one(key, y, z0):  # one replication: its own warm-up and adaptation, then `draws` iterations
+            state = init_kernel(z0, num_warmup=warmup, model_args=(y,), rng_key=key, **opts)
+
+            def step(st, _):
+                st = sample_kernel(st, model_args=(y,))
+                return st, (st.z, st.diverging)
+
+            _, (zs, dv) = jax.lax.scan(step, state, None, length=warmup + draws)
+            keep = jax.tree_util.tree_map(lambda a: a[warmup::thin], zs)
+            return jax.vmap(dens.constrain)(keep), jnp.sum(dv[warmup:])
+
+        keys = jax.random.split(jax.random.PRNGKey(seed + 1000), reps)
+        cons, dv = jax.jit(jax.vmap(one))(keys, jnp.asarray(yrep), init)
+        div = int(np.asarray(dv).sum())
+        draws_all = columns(dens, cons)  # (reps, L, P)
+        ranks = np.sum(draws_all[:, :L] < true[:, None, :], axis=1)
     else:
         for r in range(reps):
             y = yrep[r]
