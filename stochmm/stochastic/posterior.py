@@ -52,7 +52,7 @@ from ..builder.model import Model  # noqa: E402
 from ..errors import DataError, StochmmError  # noqa: E402
 from ..results import Summary  # noqa: E402
 from . import diagnostics as diag  # noqa: E402
-from .idata import group_dataset, make_idata  # noqa: E402
+from .idata import make_idata  # noqa: E402
 from .priors import ParamLayout, PriorError, describe, layout, resolve_priors  # noqa: E402
 
 __all__ = ["sample", "sample_model", "sample_prior", "PosteriorResults", "SamplingError", "PriorError"]

@@ -84,6 +84,7 @@ def sbc(model: Model, *, reps: int = 200, draws: int = 400, warmup: int = 300, t
     import jax.numpy as jnp
 
     from . import posterior as P
+    from .idata import group_dataset
     from .priors import resolve_priors
 
     for nm, v, lo in (("reps", reps, 2), ("draws", draws, 1), ("warmup", warmup, 0), ("thin", thin, 1),
@@ -94,7 +95,7 @@ def sbc(model: Model, *, reps: int = 200, draws: int = 400, warmup: int = 300, t
         raise P.SamplingError(f"draws // thin = {L} posterior draws per replication; need at least bins - 1 = {bins - 1}")
     prior = P.sample_prior(model, priors=priors, draws=reps, seed=seed)
     pdens = prior._dens
-    yrep = np.asarray(P.group_dataset(prior.idata, "prior_predictive")["y"].values)[0]  # (reps, n)
+    yrep = np.asarray(group_dataset(prior.idata, "prior_predictive")["y"].values)[0]  # (reps, n)
     d = pdens.d
     if d.cbind:
         yrep = yrep / d.trials
