@@ -84,6 +84,8 @@ class _Data:
     ks: list[int]
     trials: np.ndarray | None  # binomial trials per observation (for draws on the response scale)
     cbind: bool
+    const_sum: float = 0.0
+    n: int = 0
 
 
 def _family_kind(model: Model) -> tuple[str, Any]:
@@ -122,7 +124,8 @@ def _data(model: Model) -> _Data:
                  jnp.asarray(np.asarray(model.offset, dtype=float)), jnp.asarray(const),
                  [jnp.asarray(t.refs.astype(np.int32)) for t in model.terms],
                  [jnp.asarray(np.asarray(t.z, dtype=float)) for t in model.terms],
-                 [t.nlev for t in model.terms], [t.k for t in model.terms], trials, cbind)
+                 [t.nlev for t in model.terms], [t.k for t in model.terms], trials, cbind,
+                 float(np.sum(const)), model.n)
 
 
 def _loglik_obs(d: _Data, eta: Any, sigma: Any, y: Any = None) -> Any:
@@ -142,6 +145,20 @@ def _loglik_obs(d: _Data, eta: Any, sigma: Any, y: Any = None) -> Any:
         e = jnp.exp(eta)
         lp, lq = jnp.log(-jnp.expm1(-e)), -e
     return d.const + wt * (jnp.where(y > 0, y * lp, 0.0) + jnp.where(y < 1, (1.0 - y) * lq, 0.0))
+
+
+def _loglik_sum(d: _Data, eta: Any, sigma: Any, y: Any = None) -> Any:
+    """Σ of :func:`_loglik_obs` with the constants summed once and the fewest operations (the hot path)."""
+    y = d.y if y is None else y
+    wt = d.wt
+    if d.kind == "logit":
+        return d.const_sum + jnp.sum(wt * (y * eta - jax.nn.softplus(eta)))
+    if d.kind == "poisson":
+        return d.const_sum + jnp.sum(wt * (y * eta - jnp.exp(eta)))
+    if d.kind == "gaussian":
+        r = y - eta
+        return d.const_sum - d.n * jnp.log(sigma) - 0.5 * jnp.sum(wt * r * r) / (sigma * sigma)
+    return jnp.sum(_loglik_obs(d, eta, sigma, y))
 
 
 def _ranef_eta(d: _Data, bs: list[Any]) -> Any:
@@ -185,6 +202,12 @@ class _Density:
         self.sd_priors = [priors[nm] for nm in lay.sd]
         self.cor_priors = [priors[nm] for nm in lay.cor_prior_names]
         self.sigma_prior = priors.get("sigma")
+        import numpyro.distributions as dist
+
+        self.beta_normal = None
+        if self.beta_priors and all(type(pr) is dist.Normal for pr in self.beta_priors):
+            self.beta_normal = (np.array([float(pr.loc) for pr in self.beta_priors]),
+                                np.array([float(pr.scale) for pr in self.beta_priors]))
         self.fixed = dict(fixed or {})
         self.free_sd = np.array([nm not in self.fixed for nm in lay.sd], dtype=bool)
         self.fixed_log_sd = np.log(np.array([self.fixed.get(nm, 1.0) for nm in lay.sd], dtype=float))
@@ -272,16 +295,23 @@ class _Density:
         return out
 
     # -- log density -----------------------------------------------------------------------------
-    def log_prior(self, params: dict[str, Any], beta_raw: Any = None) -> tuple[Any, dict[str, Any]]:
+    def log_prior(self, params: dict[str, Any], beta_raw: Any = None,
+                  want_parts: bool = False) -> tuple[Any, dict[str, Any]]:
         parts: dict[str, Any] = {}
         if beta_raw is None:
             beta_raw = self.effects(params)[0]
         icpt_c = None
         if self.d.icpt is not None:
             icpt_c = beta_raw[self.d.icpt] + jnp.dot(jnp.asarray(self.d.xmean), beta_raw)
-        for i, (nm, pr) in enumerate(zip(self.lay.fixef, self.beta_priors)):
-            v = icpt_c if (i == self.d.icpt and not self.icpt_raw) else beta_raw[i]
-            parts[nm] = pr.log_prob(v)
+        if self.beta_normal is not None and not want_parts:  # all Normal: one vectorised log density
+            v = beta_raw if icpt_c is None or self.icpt_raw else beta_raw.at[self.d.icpt].set(icpt_c)
+            loc, scale = self.beta_normal
+            parts["fixef"] = jnp.sum(-0.5 * ((v - loc) / scale) ** 2) - float(np.sum(np.log(scale))) \
+                - 0.5 * len(loc) * np.log(2.0 * np.pi)
+        else:
+            for i, (nm, pr) in enumerate(zip(self.lay.fixef, self.beta_priors)):
+                v = icpt_c if (i == self.d.icpt and not self.icpt_raw) else beta_raw[i]
+                parts[nm] = pr.log_prob(v)
         log_sd = params["log_sd"]
         for i, (nm, pr) in enumerate(zip([n for n in self.lay.sd if n not in self.fixed],
                                          [p for n, p in zip(self.lay.sd, self.sd_priors) if n not in self.fixed])):
@@ -322,7 +352,7 @@ class _Density:
             ll = self.marginal.loglik(beta, Ls, self.sigma(params))
             return lp + self.clones * ll
         lp = lp + self.log_ranef_prior(params, Ls)
-        return lp + jnp.sum(_loglik_obs(self.d, self.eta(beta, bs), self.sigma(params), y))
+        return lp + _loglik_sum(self.d, self.eta(beta, bs), self.sigma(params), y)
 
     # -- reported quantities ---------------------------------------------------------------------
     def constrain(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -463,7 +493,7 @@ def _check_finite(dens: _Density, init: dict[str, Any]) -> None:
     if np.all(np.isfinite(total)):
         return
     one = {k: v[int(np.flatnonzero(~np.isfinite(total))[0])] for k, v in init.items()}
-    _, parts = dens.log_prior(one)
+    _, parts = dens.log_prior(one, want_parts=True)
     cons = dens.constrain(one)
     vals = dict(zip(dens.lay.fixef, np.asarray(cons["fixef"]).tolist()))
     vals.update(zip(dens.lay.sd, np.asarray(cons["sd"]).tolist()))
