@@ -1088,7 +1088,7 @@ class PosteriorResults:
         for j, t in enumerate(model.terms):
             cols = [i for i, tj in enumerate(lay.sd_term) if tj == j]
             for a, i in enumerate(cols):
-                rows.append((lay.group_names[j], t.cnames[a], None, float(np.mean(sd[..., i] ** 2)),
+                rows.append((lay.group_names[j], t.cnames[a], np.nan, float(np.mean(sd[..., i] ** 2)),
                              float(np.mean(sd[..., i])), np.nan))
             for b in range(t.k):
                 for a in range(b + 1, t.k):
@@ -1099,8 +1099,9 @@ class PosteriorResults:
                     ci += 1
         if lay.sigma:
             s = self._draws["sigma"]
-            rows.append(("Residual", None, None, float(np.mean(s**2)), float(s.mean()), np.nan))
-        return pd.DataFrame(rows, columns=["group", "term1", "term2", "variance", "sd", "corr"])
+            rows.append(("Residual", np.nan, np.nan, float(np.mean(s**2)), float(s.mean()), np.nan))
+        out = pd.DataFrame(rows, columns=["group", "term1", "term2", "variance", "sd", "corr"])
+        return out.astype({"term1": object, "term2": object})  # as the ML varcorr: NaN where missing
 
     @property
     def b(self) -> np.ndarray:
