@@ -101,6 +101,27 @@ def demo(args: argparse.Namespace) -> int:
     print(f"\nwhole call in {el * 1000:.0f} ms")
     _versus(fv, "verbagg_laplace")
 
+    _rule("cbpp, the stochastic half: how good is Laplace? (importance sampling at the estimates, AGQ refit)")
+    print(f1.check_approximation(draws=4000, seed=1))
+    print()
+    print(sm.compare_likelihoods(f1, seed=1).round(5).to_string(index=False))
+
+    _rule("cbpp posterior of the same model: NumPyro NUTS (herd effects integrated out by quadrature), 4 x 500 draws")
+    t0 = time.perf_counter()
+    post = sm.sample("cbind(incidence, size - incidence) ~ period + (1 | herd)", sm.datasets.load("cbpp"), family="binomial",
+                     draws=500, warmup=500, chains=4, seed=1, progress=False)
+    el = time.perf_counter() - t0
+    print(post.summary())
+    print(f"\nwhole call (compilation included) in {el:.1f} s")
+
+    _rule("VerbAgg: the Laplace log-likelihood against importance sampling (crossed: joint proposal)")
+    t0 = time.perf_counter()
+    ll = fv.model.loglik(fv, method="is", draws=2000, seed=1)
+    el = time.perf_counter() - t0
+    print(f"log-likelihood at the Laplace estimates: Laplace {fv.loglik:.3f}, importance sampling {ll.value:.3f} "
+          f"(MC SE {ll.mcse:.3f}, k-hat {ll.khat:.2f}, {ll.draws} draws, {el:.1f} s)")
+    print(f"-2 log-likelihood: Laplace is {2 * (ll.value - fv.loglik):+.2f} off")
+
     _rule("Oats split-plot by moments: ANOVA table with expected mean squares")
     a = sm.anova_components("yield ~ nf * Variety + (1 | Block/Variety)", sm.datasets.load("oats"))
     with pd.option_context("display.width", 200, "display.max_colwidth", 60):
