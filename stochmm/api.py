@@ -40,6 +40,7 @@ ENTRY_POINTS: dict[str, str] = {
     # -- stochastic: importance sampling
 
     # -- stochastic: accuracy studies
+    "accuracy_study": "stochmm.stochastic.accuracy:accuracy_study",
 
     # -- methods (dotted names are not attributes of `stochmm`)
     "Model.fit:lmm": "stochmm.deterministic.lmm:fit_lmm",

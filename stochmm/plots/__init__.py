@@ -11,5 +11,6 @@ from .ranef import caterpillar
 # -- importance sampling
 
 # -- accuracy studies
+from .accuracy import bias_coverage as bias_coverage  # isort: skip
 
 __all__ = ["caterpillar"]
