@@ -470,8 +470,13 @@ class AccuracyStudy:
         The true values by parameter name.
     model : Model
         The design (the response is replaced in every replicate).
-    methods, seed, nsim, level, interval, seconds, checkpoint
-        As called; ``seconds`` is the wall time of the call.
+    methods, seed, nsim, level, interval, checkpoint
+        As called.
+    seconds : float
+        Wall time of the call; ``timing`` splits it into ``setup_s`` (model, checks, checkpoint),
+        ``run_s`` (the replicates) and ``tables_s`` (ordering and summary).
+    n_run : int
+        Replicates fitted by this call (the rest came from the checkpoint).
     """
 
     replicates: pd.DataFrame
@@ -486,6 +491,7 @@ class AccuracyStudy:
     seconds: float
     checkpoint: str | None = None
     n_run: int = 0
+    timing: dict[str, float] = field(default_factory=dict)
 
     def summarize(self, scale: str = "sd") -> pd.DataFrame:
         """summarize(scale="sd") -> DataFrame — the summary on the SD or variance scale (see :func:`summarize`)."""
@@ -539,11 +545,12 @@ def _order(df: pd.DataFrame, methods: Sequence[str], params: Sequence[str]) -> p
     return df.iloc[np.argsort(key, kind="stable")].reset_index(drop=True)
 
 
+_DTYPES = {"replicate": np.int64, "converged": bool, "singular": bool, "failed": bool, "truth": float,
+           "estimate": float, "se": float, "lower": float, "upper": float, "seconds": float}
+
+
 def _frame(cols: dict[str, list]) -> pd.DataFrame:
-    df = pd.DataFrame(cols, columns=_COLUMNS)
-    return df.astype({"replicate": np.int64, "converged": bool, "singular": bool, "failed": bool,
-                      "truth": float, "estimate": float, "se": float, "lower": float, "upper": float,
-                      "seconds": float, "error": str, "warnings": str, "method": str, "parameter": str})
+    return pd.DataFrame({c: np.asarray(cols[c], dtype=_DTYPES.get(c, object)) for c in _COLUMNS})
 
 
 def _chunks(tasks: list, size: int) -> Iterable[list]:
@@ -715,14 +722,19 @@ def accuracy_study(formula: str, data: pd.DataFrame, truth: Mapping[Any, Any], f
         if todo:
             tasks.append((rep, todo))
     # ------------------------------------------------------------------ run
+    t_run = time.perf_counter()
     if tasks:
         frames.extend(_execute(payload, tasks, client, n_jobs, chunksize, path, progress))
+    t_tables = time.perf_counter()
     reps = pd.concat(frames, ignore_index=True) if frames else _frame({c: [] for c in _COLUMNS})
     reps = _order(reps, labels, tp.names)
-    return AccuracyStudy(replicates=reps, summary=summarize(reps, level), truth=tp.as_dict(), model=model,
+    summary = summarize(reps, level)
+    t_end = time.perf_counter()
+    timing = {"setup_s": t_run - t_start, "run_s": t_tables - t_run, "tables_s": t_end - t_tables}
+    return AccuracyStudy(replicates=reps, summary=summary, truth=tp.as_dict(), model=model,
                          methods=labels, seed=seed, nsim=nsim, level=level, interval=interval_label,
-                         seconds=time.perf_counter() - t_start, checkpoint=None if path is None else str(path),
-                         n_run=len(tasks))
+                         seconds=t_end - t_start, checkpoint=None if path is None else str(path),
+                         n_run=len(tasks), timing=timing)
 
 
 def _build_model(formula: str, data: pd.DataFrame, family: Any, weights: Any, offset: Any) -> Model:
