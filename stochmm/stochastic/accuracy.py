@@ -276,6 +276,7 @@ class _Payload:
 
 def _run_tasks(payload: _Payload, tasks: Sequence[tuple[int, tuple[str, ...]]]) -> dict[str, list]:
     """Simulate and fit the replicates ``tasks`` = [(replicate, methods), ...]; columns of the tidy table."""
+    from ..builder.families import get_family
     from ..deterministic.pirls import blas_threads
     from ..errors import ConvergenceWarning
 
@@ -300,12 +301,14 @@ def _run_tasks(payload: _Payload, tasks: Sequence[tuple[int, tuple[str, ...]]]) 
         cols["warnings"] += [warns] * npar
         cols["seconds"] += [secs] * npar
 
+    model, truth = payload.model, payload.truth
+    family = None if model.family_name == "gaussian" else get_family(model.family)  # resolved once
     with blas_threads(1):
         for rep, labels in tasks:
             try:
-                y = payload.model.simulate(payload.truth.beta, payload.truth.theta, payload.truth.sigma, nsim=1,
-                                           seed=np.random.default_rng(_data_seed(payload.seed, rep)))[:, 0]
-                mi = payload.model.with_response(y)
+                y = model.simulate(truth.beta, truth.theta, truth.sigma, nsim=1, family=family,
+                                   seed=np.random.default_rng(_data_seed(payload.seed, rep)))[:, 0]
+                mi = model.with_response(y)
             except Exception as e:  # noqa: BLE001 - recorded, the study goes on
                 for label in labels:
                     emit(rep, label, nan, nan, nan, nan, False, False, True,

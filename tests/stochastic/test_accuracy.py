@@ -347,3 +347,40 @@ def test_caller_data_untouched_and_response_optional():
     with pytest.raises(StudyInputError, match="REML.*fits linear mixed models|fits GLMMs"):
         sm.accuracy_study("y ~ x + (1 | g)", d, {"beta": [0, 1], "sd(g)": 1.0, "sigma": 1.0}, methods=("laplace",),
                           nsim=2, n_jobs=1, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Wald SEs of the SDs and correlations (GLMMs: delta method on the fit's Hessian in θ)
+# ------------------------------------------------------------------------------------------------
+def test_wald_se_of_the_sd_matches_glmmTMB():
+    """glmmTMB 1.1.5 on cbpp (models/reference/accuracy_wald_se_glmmTMB.R): SD 0.6422616722,
+    SE(SD) = SD·SE(log SD) = 0.1785622580; β SEs 0.2324720507 0.3066424950 0.3266378085 0.4274365967.
+    Ours come from a finite-difference Hessian: agreement to 1e-3 relative."""
+    from stochmm.stochastic.accuracy_methods import StudyContext, _read_ml
+
+    m = sm.Model("cbind(incidence, size - incidence) ~ period + (1 | herd)", sm.datasets.load("cbpp"),
+                 family="binomial")
+    r = _read_ml(m.fit(method="laplace"), StudyContext.build(m, 0.95, "auto"), [])
+    np.testing.assert_allclose(r.estimate[4], 0.6422616722, rtol=1e-5)
+    np.testing.assert_allclose(r.se, [0.2324720507, 0.3066424950, 0.3266378085, 0.4274365967, 0.1785622580],
+                               rtol=1e-3)
+
+
+def test_delta_method_for_a_vector_term_matches_the_analytic_jacobian():
+    from stochmm.stochastic.accuracy_methods import StudyContext, _vc_se_glmm
+
+    rng = np.random.default_rng(4)
+    d = pd.DataFrame({"g": np.repeat(np.arange(60), 10), "x": rng.standard_normal(600)})
+    m = sm.Model("y ~ x + (x | g)", d.assign(y=0.0), family="binomial")
+    tp = truth_to_parameters(m, {"beta": [0.0, 1.0], "sd(g:(Intercept))": 1.0, "sd(g:x)": 0.7,
+                                 "cor(g:(Intercept),x)": 0.4})
+    fit = m.with_response(m.simulate(tp.beta, tp.theta, nsim=1, seed=3)[:, 0]).fit(method="laplace")
+    assert not fit.is_singular
+    se = _vc_se_glmm(fit, StudyContext.build(m, 0.95, "auto"))
+    t1, t2, t3 = fit.theta  # T = [[t1, 0], [t2, t3]]: sd1 = t1, sd2 = √(t2² + t3²), cor = t2/sd2
+    s2 = np.hypot(t2, t3)
+    J = np.array([[1.0, 0.0, 0.0], [0.0, t2 / s2, t3 / s2], [0.0, t3**2 / s2**3, -t2 * t3 / s2**3]])
+    free = fit.derivs["free"]
+    assert free[:3].all()
+    cov_t = 2.0 * np.linalg.inv(fit.derivs["Hessian"])[:3, :3]
+    np.testing.assert_allclose(se, np.sqrt(np.diag(J @ cov_t @ J.T)), rtol=1e-6)
