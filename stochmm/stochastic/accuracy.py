@@ -123,8 +123,8 @@ def truth_to_parameters(model: Model, truth: Mapping[Any, Any]) -> TrueParameter
     Check a study's truth against the model and convert it to (β, θ, σ).
 
     ``truth`` holds ``"beta"`` (a dict by fixed-effect name or an array in model-matrix
-    column order), each random-effect SD by its name (``"sd(g)"``, ``"sd(Subject:Days)"``,
-    or the ``varcorr`` columns as a tuple ``("Subject", "Days")``), correlations
+    column order), each random-effect SD by its name (``"sd(g)"`` for an intercept,
+    ``"sd(Subject:Days)"``, or the ``varcorr`` columns as a tuple ``("Subject", "Days")``), correlations
     (``"cor(Subject:(Intercept),Days)"`` or ``("Subject", "(Intercept)", "Days")``; 0 when
     not given) and ``"sigma"`` for Gaussian models. θ is Cholesky(Σ_j)/σ per term, in lme4's order.
 
@@ -132,7 +132,7 @@ def truth_to_parameters(model: Model, truth: Mapping[Any, Any]) -> TrueParameter
     --------
     >>> import stochmm as sm
     >>> m = sm.Model("Reaction ~ Days + (Days | Subject)", sm.datasets.load("sleepstudy"))
-    >>> tp = truth_to_parameters(m, {"beta": [250, 10], "sd(Subject:(Intercept))": 25, "sd(Subject:Days)": 6,
+    >>> tp = truth_to_parameters(m, {"beta": [250, 10], "sd(Subject)": 25, "sd(Subject:Days)": 6,
     ...                              "cor(Subject:(Intercept),Days)": 0.0, "sigma": 25})
     >>> tp.theta.round(3).tolist()
     [1.0, 0.0, 0.24]
@@ -149,7 +149,7 @@ def truth_to_parameters(model: Model, truth: Mapping[Any, Any]) -> TrueParameter
         by_tuple[(g, t.cnames[a]) if kind == "sd" else (g, t.cnames[a], t.cnames[b])] = name
         if kind == "sd":
             by_tuple[(g, t.cnames[a], None)] = name
-            by_tuple.setdefault((f"sd({g}:{t.cnames[a]})",), name)  # the long form of sd(g)
+            by_tuple.setdefault((f"sd({g}:{t.cnames[a]})",), name)  # sd(g:(Intercept)), sd(g.1:x)
     valid = ["beta"] + vc_names + (["sigma"] if gaussian else [])
     given: dict[str, float] = {}
     beta_raw = None
@@ -782,8 +782,12 @@ def _execute(payload: _Payload, tasks: list, client: Any, n_jobs: int | None, ch
             pf = client.scatter(payload, broadcast=True, hash=False)
             futs = {client.submit(_run_tasks, pf, ch, pure=False): len(ch) for ch in chunks}
             bar = _progress_bar(len(tasks), progress)
-            for fut in as_completed(futs):
-                collect(fut.result(), futs[fut])
+            try:
+                for fut in as_completed(futs):
+                    collect(fut.result(), futs[fut])
+            except BaseException:  # a lost worker, Ctrl-C: what finished is kept (checkpoint), the rest cancelled
+                client.cancel(list(futs))
+                raise
         elif workers <= 1:
             bar = _progress_bar(len(tasks), progress)
             for ch in chunks:
@@ -796,8 +800,12 @@ def _execute(payload: _Payload, tasks: list, client: Any, n_jobs: int | None, ch
                                      initargs=(payload,)) as ex:
                 futs = {ex.submit(_run_in_worker, ch): len(ch) for ch in chunks}
                 bar = _progress_bar(len(tasks), progress)
-                for fut in as_completed(futs):
-                    collect(fut.result(), futs[fut])
+                try:
+                    for fut in as_completed(futs):
+                        collect(fut.result(), futs[fut])
+                except BaseException:
+                    ex.shutdown(wait=False, cancel_futures=True)
+                    raise
     finally:
         if bar is not None:
             bar.close()

@@ -15,7 +15,7 @@ Examples
 >>> import stochmm as sm
 >>> m = sm.Model("Reaction ~ Days + (Days | Subject)", sm.datasets.load("sleepstudy"))
 >>> parameter_names(m)
-['(Intercept)', 'Days', 'sd(Subject:(Intercept))', 'sd(Subject:Days)', 'cor(Subject:(Intercept),Days)', 'sigma']
+['(Intercept)', 'Days', 'sd(Subject)', 'sd(Subject:Days)', 'cor(Subject:(Intercept),Days)', 'sigma']
 >>> parse_method("agq:9", "binomial").label, parse_method("reml", "gaussian").label
 ('agq:9', 'REML')
 """
@@ -48,20 +48,28 @@ class StudyInputError(StochmmError, ValueError):
 def vc_layout(model: Model) -> list[tuple[str, str, int, int, int]]:
     """vc_layout(model) -> list of (name, kind, term, a, b)
 
-    The variance-component parameters in ``varcorr`` order: per term its SDs
-    (``kind="sd"``, column ``a``) then its correlations (``kind="cor"``, columns a < b).
-    Names: ``sd(group)`` for a random intercept alone, ``sd(group:term)`` and
-    ``cor(group:term1,term2)`` otherwise, with ``group`` as ``varcorr`` spells it
-    (a second term of the same factor is ``group.1``, as lme4 prints it).
+    The variance-component parameters, term by term: its SDs (``kind="sd"``, column ``a``) then
+    its correlations (``kind="cor"``, columns a < b). Names as the posterior path names them
+    (:mod:`stochmm.stochastic.priors`): ``sd(group)`` for an intercept column, ``sd(group:term)``
+    for any other, ``cor(group:term1,term2)``; a name that would repeat (the same factor and
+    column in two terms) takes ``varcorr``'s unique group name (``group.1``).
     """
-    out = []
-    for j, (g, t) in enumerate(zip(unique_group_names([t.group for t in model.terms]), model.terms)):
-        for a in range(t.k):
-            name = f"sd({g})" if t.k == 1 and t.cnames[0] == "(Intercept)" else f"sd({g}:{t.cnames[a]})"
+    gnames = unique_group_names([t.group for t in model.terms])
+    out: list[tuple[str, str, int, int, int]] = []
+    seen: set[str] = set()
+    for j, t in enumerate(model.terms):
+        for a, cname in enumerate(t.cnames):
+            name = f"sd({t.group})" if cname == "(Intercept)" else f"sd({t.group}:{cname})"
+            if name in seen:
+                name = f"sd({gnames[j]})" if cname == "(Intercept)" else f"sd({gnames[j]}:{cname})"
+            seen.add(name)
             out.append((name, "sd", j, a, a))
-        for a in range(t.k):
-            for b in range(a + 1, t.k):
-                out.append((f"cor({g}:{t.cnames[a]},{t.cnames[b]})", "cor", j, a, b))
+        if t.k > 1:
+            g = t.group if f"cor({t.group})" not in seen else gnames[j]
+            seen.add(f"cor({g})")
+            for a in range(t.k):
+                for b in range(a + 1, t.k):
+                    out.append((f"cor({g}:{t.cnames[a]},{t.cnames[b]})", "cor", j, a, b))
     return out
 
 

@@ -263,6 +263,16 @@ def test_vector_terms_truth_round_trip():
     np.testing.assert_allclose(vc_from_theta(m, tp1.theta, tp1.sigma), [25.0, 6.0, -1.0], rtol=1e-12)
 
 
+def test_parameter_names_follow_the_posterior_names():
+    d = _binary_design()
+    m = sm.Model("y ~ x + (x || g)", d.assign(y=0.0), family="binomial")
+    assert parameter_names(m) == ["(Intercept)", "x", "sd(g)", "sd(g:x)"]
+    tp = truth_to_parameters(m, {"beta": [0.0, 1.0], "sd(g)": 1.0, ("g.1", "x"): 0.5})  # varcorr's group name
+    np.testing.assert_allclose(tp.theta, [1.0, 0.5])
+    m2 = sm.Model("y ~ x + (1 | g) + (1 | g)", d.assign(y=0.0), family="binomial")
+    assert parameter_names(m2)[2:] == ["sd(g)", "sd(g.1)"]
+
+
 def test_variance_scale_summary():
     st = _run(n_jobs=1, nsim=5, methods=("agq:5",))
     v = summarize(st.replicates, scale="variance")
@@ -294,7 +304,7 @@ def test_bad_truth(truth, message):
 
 def test_bad_correlations():
     d = sm.datasets.load("sleepstudy")
-    base = {"beta": [250.0, 10.0], "sd(Subject:(Intercept))": 25.0, "sd(Subject:Days)": 6.0, "sigma": 25.0}
+    base = {"beta": [250.0, 10.0], "sd(Subject)": 25.0, "sd(Subject:Days)": 6.0, "sigma": 25.0}
     with pytest.raises(StudyInputError, match=r"cor\(Subject:\(Intercept\),Days\).*= 1.5: a correlation lies in"):
         sm.accuracy_study("Reaction ~ Days + (Days | Subject)", d, {**base, "cor(Subject:(Intercept),Days)": 1.5},
                           nsim=2, n_jobs=1, progress=False)
@@ -372,7 +382,7 @@ def test_delta_method_for_a_vector_term_matches_the_analytic_jacobian():
     rng = np.random.default_rng(4)
     d = pd.DataFrame({"g": np.repeat(np.arange(60), 10), "x": rng.standard_normal(600)})
     m = sm.Model("y ~ x + (x | g)", d.assign(y=0.0), family="binomial")
-    tp = truth_to_parameters(m, {"beta": [0.0, 1.0], "sd(g:(Intercept))": 1.0, "sd(g:x)": 0.7,
+    tp = truth_to_parameters(m, {"beta": [0.0, 1.0], "sd(g)": 1.0, "sd(g:x)": 0.7,
                                  "cor(g:(Intercept),x)": 0.4})
     fit = m.with_response(m.simulate(tp.beta, tp.theta, nsim=1, seed=3)[:, 0]).fit(method="laplace")
     assert not fit.is_singular
