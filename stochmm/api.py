@@ -36,8 +36,16 @@ ENTRY_POINTS: dict[str, str] = {
     "anova": "stochmm.inference.comparison:anova",
 
     # -- stochastic: posterior
+    "sample": "stochmm.stochastic.posterior:sample",
+    "sample_prior": "stochmm.stochastic.posterior:sample_prior",
+    "diagnose": "stochmm.stochastic.diagnostics:diagnose",
+    "Model.sample": "stochmm.stochastic.posterior:model_sample",
 
     # -- stochastic: importance sampling
+    "compare_likelihoods": "stochmm.stochastic.compare:compare_likelihoods",
+    "Model.loglik": "stochmm.stochastic.importance:model_loglik",
+    "Model.fit:is": "stochmm.stochastic.mcml:fit_is",
+    "check_approximation": "stochmm.stochastic.compare:check_approximation",
 
     # -- stochastic: accuracy studies
     "accuracy_study": "stochmm.stochastic.accuracy:accuracy_study",
@@ -72,6 +80,8 @@ def fit(model: Any, method: str | None = None, **options: Any) -> Any:
     ``"agq"`` (with ``nagq=``) or ``"fast"`` (nAGQ = 0)
     (:func:`stochmm.deterministic.glmm.fit_glmm`).
     """
+    if isinstance(method, str) and method.lower() == "is":  # Monte Carlo ML (importance sampling)
+        return resolve("Model.fit:is")(model, **options)
     if model.family_name == "gaussian":
         m = (method or "REML").upper()
         if m not in ("REML", "ML"):

@@ -342,6 +342,21 @@ class MixedModelResults:
     # -- inference (stochmm.inference, through stochmm.api) --------------------------------------
 
     # -- approximation audit (stochmm.stochastic, through stochmm.api) ----------------------------
+    def check_approximation(self, draws: int = 10_000, seed: int | None = None, **options):
+        """check_approximation(draws=10000, seed=None, **options) -> ApproximationCheck
+
+        How far this GLMM fit's log-likelihood is from an importance-sampling estimate at the same
+        estimates, and whether the estimates move under an accurate refit (AGQ for one grouping
+        factor, Monte Carlo ML otherwise); see :func:`stochmm.stochastic.compare.check_approximation`.
+        Linear mixed models have an exact likelihood: there is nothing to check (ValueError).
+        """
+        if not hasattr(self, "family"):
+            raise ValueError("check_approximation is for GLMM fits: a linear mixed model's likelihood is exact "
+                             "(no Laplace or quadrature approximation is involved)")
+        from . import api
+
+        return api.resolve("check_approximation")(self, draws=draws, seed=seed, **options)
+
 
     # -- summary pieces -------------------------------------------------------------------------
     def coef_table(self) -> pd.DataFrame:

@@ -790,6 +790,23 @@ class Model:
         return out
 
     # ----------------------------------------------------------------------------- stochastic paths (stochmm.api)
+    def loglik(self, params: Any, method: str = "is", **options: Any):
+        """loglik(params, method="is", **options) -> LogLik
+
+        The log-likelihood at ``params`` (a fit or ``{"beta": ..., "theta": ..., "sigma": ...}``) on the
+        package's one full scale: importance sampling (``"is"``, with ``draws=``, ``seed=``,
+        ``proposal=``, ``df=``), ``"laplace"``, ``"agq"`` (``nagq=``), ``"fast"``, or ``"exact"`` (LMMs);
+        see :func:`stochmm.stochastic.importance.loglik`.
+        """
+        return api.resolve("Model.loglik")(self, params, method, **options)
+
+    def sample(self, **options: Any):
+        """sample(**options) -> PosteriorResults
+
+        The posterior of this model by NUTS (:func:`stochmm.stochastic.posterior.sample_model`: priors,
+        draws, warmup, chains, seed, progress, clones, marginalize, ...).
+        """
+        return api.resolve("Model.sample")(self, **options)
 
     # ----------------------------------------------------------------------------- new data
     def new_design(self, newdata: pd.DataFrame) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:

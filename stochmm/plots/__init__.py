@@ -9,8 +9,9 @@ from .ranef import caterpillar
 # -- inference
 
 # -- importance sampling
+from .approximation import approximation_error
 
 # -- accuracy studies
 from .accuracy import bias_coverage as bias_coverage  # isort: skip
 
-__all__ = ["caterpillar"]
+__all__ = ["caterpillar", "approximation_error"]
