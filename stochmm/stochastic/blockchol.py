@@ -9,8 +9,10 @@ Hessian of the penalised log-likelihood in u for a GLMM. Its structure is that o
 * the block below it is **sparse**: one k_j × k0 block per pair (level of a later term, level of the
   first factor) that shares observations, kept as a list of pairs (COO);
 * the rest (later terms, q_rest columns) is one **dense** block that absorbs the Schur-complement
-  downdate Σ_l S_l M00_l⁻¹ S_l'; the downdate is a scatter-add over the pairs of pairs that share a
-  first-factor level (Σ_l deg_l² products, not q_rest² q0), then one dense Cholesky of size q_rest.
+  downdate Σ_l S_l M00_l⁻¹ S_l'; the downdate is either a scatter-add over the pairs of pairs that
+  share a first-factor level (Σ_l deg_l² products, for sparse crossings such as InstEval's: 2.5 M) or,
+  when that is cheaper (VerbAgg, Penicillin: every level meets every other), one dense product
+  S̃S̃' (q_rest² q0 flops by BLAS); then one dense Cholesky of size q_rest.
 
 With one grouping factor q_rest = 0 and everything is per-level k0 × k0 algebra, O(q k0²).
 
@@ -108,6 +110,18 @@ class Layout:
                         + np.arange(kj2)[None, None, :] + np.zeros((1, kj, 1), dtype=np.int64))
                 self.pp.append((j, j2, P1.astype(np.int32), P2.astype(np.int32),
                                 rows.astype(np.int32), cols.astype(np.int32)))
+        # -- the downdate Σ_l S̃_l S̃_l' as one dense product when that is cheaper than the scatter over the
+        #    pairs of pairs (BLAS flops are ~10x cheaper than scattered ones); memory bound 2e7 entries
+        npp = sum(P1.size * self.rest_k[j] * self.rest_k[j2] for j, j2, P1, *_ in self.pp) * self.k0
+        self.dense_S = bool(self.q_rest and self.q_rest * self.q0 <= 2e7
+                            and self.q_rest**2 * self.q0 <= 10 * max(npp, 1))
+        self.S_rows, self.S_cols = [], []
+        for j, kj in enumerate(self.rest_k):
+            r = self.rest_off[j] + self.pair_m[j].astype(np.int64)[:, None, None] * kj + np.arange(kj)[None, :, None]
+            c = self.pair_l[j].astype(np.int64)[:, None, None] * self.k0 + np.arange(self.k0)[None, None, :]
+            r, c = np.broadcast_arrays(r, c)
+            self.S_rows.append(r.astype(np.int32))
+            self.S_cols.append(c.astype(np.int32))
         # -- internal order -> model.Z column order
         to_model = np.empty(self.q, dtype=np.int64)
         coloff = np.cumsum([0] + [terms[i].k for i in self.block0])
@@ -226,6 +240,7 @@ class Factor(NamedTuple):
     L00inv: Any  # their inverses
     St: list  # per later term: S̃_p = S_p L00_l^{-T} per pair, (npairs_j, k_j, k0)
     LD: Any  # dense Cholesky factor of the Schur complement (q_rest, q_rest)
+    Sd: Any  # S̃ as a dense (q_rest, q0) matrix when ``Layout.dense_S``, else (0, 0)
 
     def logdet(self):
         """log det M."""
@@ -241,13 +256,21 @@ def factor(lay: Layout, C00, Cpair: list, Crr) -> Factor:
     L00 = chol_small(M00)
     L00inv = tril_inv_small(L00)
     St = [_bmm_t(Cp, L00inv[pl]) for Cp, pl in zip(Cpair, lay.pair_l)]
+    none = jnp.zeros((0, 0))
     if not lay.q_rest:
-        return Factor(L00, L00inv, St, jnp.zeros((0, 0)))
+        return Factor(L00, L00inv, St, none, none)
     D = Crr + jnp.eye(lay.q_rest)
-    for j, j2, P1, P2, rows, cols in lay.pp:
-        D = D.at[rows, cols].add(-_bmm_t(St[j][P1], St[j2][P2]), mode="promise_in_bounds")
+    if lay.dense_S:
+        Sd = jnp.zeros((lay.q_rest, lay.q0))
+        for Sj, r, c in zip(St, lay.S_rows, lay.S_cols):
+            Sd = Sd.at[r, c].add(Sj, mode="promise_in_bounds")
+        D = D - Sd @ Sd.T
+    else:
+        Sd = none
+        for j, j2, P1, P2, rows, cols in lay.pp:
+            D = D.at[rows, cols].add(-_bmm_t(St[j][P1], St[j2][P2]), mode="promise_in_bounds")
     LD = jnp.linalg.cholesky(D)
-    return Factor(L00, L00inv, St, LD)
+    return Factor(L00, L00inv, St, LD, Sd)
 
 
 # many tiny k × k factorisations, unrolled over k and vectorised over the batch (XLA's batched LAPACK
@@ -314,10 +337,13 @@ def forward(lay: Layout, F: Factor, c0, cr):
     v0 = _bmv(F.L00inv, c0)
     if not lay.q_rest:
         return v0, cr
-    rhs = cr
-    for j, St in enumerate(F.St):
-        contrib = _bmv(St, v0[lay.pair_l[j]])
-        rhs = rhs.at[_rest_rows(lay, j)].add(-contrib, mode="promise_in_bounds")
+    if lay.dense_S:
+        rhs = cr - F.Sd @ v0.reshape(-1)
+    else:
+        rhs = cr
+        for j, St in enumerate(F.St):
+            contrib = _bmv(St, v0[lay.pair_l[j]])
+            rhs = rhs.at[_rest_rows(lay, j)].add(-contrib, mode="promise_in_bounds")
     return v0, solve_triangular(F.LD, rhs, lower=True)
 
 
@@ -327,7 +353,9 @@ def backward(lay: Layout, F: Factor, y0, yr):
     xr = yr
     if lay.q_rest:
         xr = solve_triangular(F.LD, yr, lower=True, trans="T")
-        for j, St in enumerate(F.St):
+        if lay.dense_S:
+            t = t - (F.Sd.T @ xr).reshape(lay.nlev0, lay.k0)
+        for j, St in enumerate(F.St if not lay.dense_S else []):
             xs = xr[_rest_rows(lay, j)]  # (npairs, k_j)
             t = t - jax.ops.segment_sum(_bmtv(St, xs), lay.pair_l[j], num_segments=lay.nlev0)
     x0 = _bmtv(F.L00inv, t)

@@ -30,6 +30,13 @@ draws of b from its conditional posterior given y and the parameters:
 
 :meth:`MarginalLik.draw_info` also returns the mean MH acceptance rate (typically 0.85–0.95 here).
 
+Cost per gradient (``python benchmarks/bench_marginal.py``, 2 cores shared with other jobs, so ±2×):
+LMMs 0.02–0.2 ms for q ≤ 2,000 with one factor (no pass over the data; below the joint density's
+cost), Penicillin 0.03–0.1 ms; AGQ about 15–90 × the joint density's gradient (Newton passes plus K
+node passes over the data: cbpp AGQ-9 0.05–0.16 ms, 10,000 observations 4–14 ms) for a posterior of
+p + θ instead of p + θ + q dimensions; crossed Laplace (VerbAgg) 3–4 ms; InstEval's exact LMM
+(q_dense = 1,128) about 3 s — there full NUTS is the better choice.
+
 Values are on the package's full log-likelihood scale (binomial coefficients, log y!, 2π terms), so
 they equal the deterministic paths' (−2 × ``fit.loglik`` and :func:`stochmm.deterministic.quadrature.agq`).
 
@@ -209,6 +216,11 @@ class MarginalLik:
     model : Model
     gaussian : bool
         Whether ``sigma`` is a parameter.
+    q_dense : int
+        Size of the dense block (random effects of the grouping factors after the first): 0 with one
+        grouping factor. Its Cholesky (q_dense³/3 flops, and about 3× that for the gradient) bounds the
+        cost per gradient: negligible below a few hundred, about 1–3 s per gradient at InstEval's 1,128
+        (2 cores) — there full NUTS (a gradient costs O(n)) is the faster choice.
 
     Methods
     -------
@@ -217,8 +229,13 @@ class MarginalLik:
         factor L_j (Σ_j = L_j L_j') per term of ``model.terms``; σ the residual SD (Gaussian only).
     draw_ranef(rng_key, beta, L_list, sigma=None) -> b (q,)
         One draw of b | y, parameters, in ``model.Z``'s column order.
+    draw_info(rng_key, beta, L_list, sigma=None) -> (b, acceptance rate)
+        The draw and the mean Metropolis–Hastings acceptance of its steps (1 for exact Gaussian draws).
     L_list(theta, sigma=None) -> list of arrays
         The L_j from lme4's relative θ (× σ for a Gaussian model).
+
+    All three are jit-compiled pure functions of their arguments: they can be called inside
+    ``jax.jit``/``jax.grad``/``jax.vmap`` (the argument checks run at trace time).
     """
 
     kind: str = ""
@@ -230,6 +247,7 @@ class MarginalLik:
         self.p = model.p
         self.q = model.q
         self._ks = [t.k for t in model.terms]
+        self.q_dense = lay.q_rest
         self._loglik_jit = jax.jit(self._loglik)
         self._draw_jit = jax.jit(self._draw)
         self._info_jit = jax.jit(self._draw_info)
@@ -346,6 +364,9 @@ class _LmmMarginal(MarginalLik):
     def cond_moments(self, beta, L_list, sigma):
         """cond_moments(beta, L_list, sigma) -> (mean (q,), covariance (q, q)) of b | y, dense (for tests)."""
         beta, Ls, sigma = self._check(beta, L_list, sigma)
+        return jax.jit(self._cond_moments)(beta, Ls, sigma)
+
+    def _cond_moments(self, beta, Ls, sigma):
         lay = self.lay
         L0, Lr, F, delta, v0, vr, s2 = self._solve(beta, Ls, sigma)
 
@@ -382,40 +403,35 @@ class _GlmmBase(MarginalLik):
                       self._wt if eta.ndim == 1 else self._wt[:, None], order)
 
 
-def _newton(step_fn, obj_fn, u0, maxiter: int, tol: float = 1e-11):
-    """Damped Newton to the maximum of a (per-block) concave objective, no gradient.
+def _newton(step_fn, u0, maxiter: int, tol: float = 1e-11):
+    """Damped Newton to the maximum of a concave objective made of independent blocks, no gradient.
 
-    ``step_fn(u) -> (h, δ)`` gives the objective per block and the Newton step; ``obj_fn(u) -> h``.
-    Each block halves its own step until the objective does not decrease.
+    ``step_fn(u) -> (h, δ)``: the objective of each block (shape (B,)) and its Newton step at ``u``
+    (shape (B, ...)). One evaluation per iteration: the step proposed at the last accepted point is
+    evaluated; a block whose objective did not decrease takes it (and its new Newton step), the others
+    halve it and try again next iteration.
     """
+    bshape = (-1,) + (1,) * (u0.ndim - 1)
+    h0, d0 = step_fn(u0)
+
     def body(state):
-        u, it, _ = state
-        h, d = step_fn(u)
-        s = jnp.ones(h.shape)
-        bshape = (-1,) + (1,) * (u.ndim - 1)
-
-        def halve_cond(st):
-            s, bad, j = st
-            return jnp.any(bad) & (j < 40)
-
-        def halve(st):
-            s, bad, j = st
-            s = jnp.where(bad, 0.5 * s, s)
-            ht = obj_fn(u + s.reshape(bshape) * d)
-            return s, (ht < h - 1e-12 * (1.0 + jnp.abs(h))) & (s > 1e-10), j + 1
-
-        ht = obj_fn(u + d)
-        bad0 = ht < h - 1e-12 * (1.0 + jnp.abs(h))
-        s, _, _ = jax.lax.while_loop(halve_cond, halve, (s, bad0, 0))
-        step = s.reshape(bshape) * d
-        return u + step, it + 1, jnp.max(jnp.abs(step))
+        u, h, d, s, it, _ = state
+        uc = u + s.reshape(bshape) * d
+        hc, dc = step_fn(uc)
+        ok = hc >= h - 1e-12 * (1.0 + jnp.abs(h))
+        okb = ok.reshape(bshape)
+        u = jnp.where(okb, uc, u)
+        h = jnp.where(ok, hc, h)
+        d = jnp.where(okb, dc, d)
+        s = jnp.where(ok, 1.0, 0.5 * s)
+        nxt = jnp.where(s < 1e-10, 0.0, jnp.max(jnp.abs(s.reshape(bshape) * d).reshape(d.shape[0], -1), axis=1))
+        return u, h, d, s, it + 1, jnp.max(nxt)
 
     def cond(state):
-        _, it, size = state
-        return (it < maxiter) & (size > tol)
+        return (state[4] < maxiter) & (state[5] > tol)
 
-    u, _, _ = jax.lax.while_loop(cond, body, (u0, 0, jnp.asarray(jnp.inf)))
-    return u
+    init = (u0, h0, d0, jnp.ones(h0.shape), 0, jnp.max(jnp.abs(d0)))
+    return jax.lax.while_loop(cond, body, init)[0]
 
 
 def _spd_solve(H, g):
@@ -474,7 +490,7 @@ class _AgqMarginal(_GlmmBase):
             h, g, H = self._hgH(bs, zs, u)
             return h, _spd_solve(H, g)
 
-        u_sg = _newton(step_fn, lambda u: self._h(bs, zs, u), jnp.zeros((self.lay.nlev0, k)), self.newton_maxiter)
+        u_sg = _newton(step_fn, jnp.zeros((self.lay.nlev0, k)), self.newton_maxiter)
         u_sg = jax.lax.stop_gradient(u_sg)
         _, g, H = self._hgH(base, zt, u_sg)
         Hs = jax.lax.stop_gradient(H)
@@ -495,7 +511,9 @@ class _AgqMarginal(_GlmmBase):
         Rz = jnp.sum(Linv[:, None, :, :] * self._zk[None, :, :, None], axis=2)  # R z_k, R = L^{-T}: (nlev, K, k)
         logdetR = jnp.sum(jnp.log(jnp.diagonal(Linv, axis1=1, axis2=2)), axis=1)
         U = u[:, None, :] + Rz  # (nlev, K, k)
-        eta = base[:, None] + jnp.sum(zt[:, None, :] * U[self._refs], axis=2)
+        # η_ik = base_i + z̃_i·û_l + (L_l⁻¹ z̃_i)·z_k: an (n, k) × (k, K) product, no (n, K, k) gather
+        C = jnp.sum(Linv[self._refs] * zt[:, None, :], axis=2)  # (n, k)
+        eta = (base + jnp.sum(zt * u[self._refs], axis=1))[:, None] + C @ self._zk.T
         hk = self._seg(self._ell(eta, 0)[0]) - 0.5 * jnp.sum(U * U, axis=2)
         return jnp.sum(logdetR + logsumexp(hk + self._logw[None, :], axis=1)) + self._const
 
@@ -564,9 +582,6 @@ class _LaplaceMarginal(_GlmmBase):
                  for z, refs, nl in zip(ztr, self._rrefs, lay.rest_nlev)]
         return jnp.concatenate([g0] + parts)
 
-    def _h(self, base, zt0, ztr, u):
-        return jnp.sum(self._ell(self._eta(base, zt0, ztr, u), 0)[0]) - 0.5 * jnp.sum(u * u)
-
     def _hgF(self, base, zt0, ztr, u):
         v, d1, d2 = self._ell(self._eta(base, zt0, ztr, u), 2)
         h = jnp.sum(v) - 0.5 * jnp.sum(u * u)
@@ -594,8 +609,7 @@ class _LaplaceMarginal(_GlmmBase):
             h, g, F = self._hgF(bs, z0s, zrs, u[0])
             return h[None], self._hsolve(F, g)[None]
 
-        u_sg = sg(_newton(step_fn, lambda u: self._h(bs, z0s, zrs, u[0])[None], jnp.zeros((1, self.lay.q)),
-                          self.newton_maxiter)[0])
+        u_sg = sg(_newton(step_fn, jnp.zeros((1, self.lay.q)), self.newton_maxiter)[0])
         _, g, F = self._hgF(base, zt0, ztr, u_sg)
         Fs = jax.tree_util.tree_map(sg, F)
         u = u_sg + self._hsolve(Fs, g)

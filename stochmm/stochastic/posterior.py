@@ -84,6 +84,8 @@ class _Data:
     ks: list[int]
     trials: np.ndarray | None  # binomial trials per observation (for draws on the response scale)
     cbind: bool
+    const_sum: float = 0.0
+    n: int = 0
 
 
 def _family_kind(model: Model) -> tuple[str, Any]:
@@ -122,12 +124,14 @@ def _data(model: Model) -> _Data:
                  jnp.asarray(np.asarray(model.offset, dtype=float)), jnp.asarray(const),
                  [jnp.asarray(t.refs.astype(np.int32)) for t in model.terms],
                  [jnp.asarray(np.asarray(t.z, dtype=float)) for t in model.terms],
-                 [t.nlev for t in model.terms], [t.k for t in model.terms], trials, cbind)
+                 [t.nlev for t in model.terms], [t.k for t in model.terms], trials, cbind,
+                 float(np.sum(const)), model.n)
 
 
-def _loglik_obs(d: _Data, eta: Any, sigma: Any) -> Any:
-    """Pointwise log-likelihood (constants included) at linear predictor ``eta``."""
-    y, wt = d.y, d.wt
+def _loglik_obs(d: _Data, eta: Any, sigma: Any, y: Any = None) -> Any:
+    """Pointwise log-likelihood (constants included) at linear predictor ``eta`` (``y``: another response of
+    the same model, for simulation studies; the constants stay those of the model's own response)."""
+    y, wt = (d.y if y is None else y), d.wt
     if d.kind == "gaussian":
         r = y - eta
         return d.const - jnp.log(sigma) - 0.5 * wt * r * r / (sigma * sigma)
@@ -141,6 +145,20 @@ def _loglik_obs(d: _Data, eta: Any, sigma: Any) -> Any:
         e = jnp.exp(eta)
         lp, lq = jnp.log(-jnp.expm1(-e)), -e
     return d.const + wt * (jnp.where(y > 0, y * lp, 0.0) + jnp.where(y < 1, (1.0 - y) * lq, 0.0))
+
+
+def _loglik_sum(d: _Data, eta: Any, sigma: Any, y: Any = None) -> Any:
+    """Σ of :func:`_loglik_obs` with the constants summed once and the fewest operations (the hot path)."""
+    y = d.y if y is None else y
+    wt = d.wt
+    if d.kind == "logit":
+        return d.const_sum + jnp.sum(wt * (y * eta - jax.nn.softplus(eta)))
+    if d.kind == "poisson":
+        return d.const_sum + jnp.sum(wt * (y * eta - jnp.exp(eta)))
+    if d.kind == "gaussian":
+        r = y - eta
+        return d.const_sum - d.n * jnp.log(sigma) - 0.5 * jnp.sum(wt * r * r) / (sigma * sigma)
+    return jnp.sum(_loglik_obs(d, eta, sigma, y))
 
 
 def _ranef_eta(d: _Data, bs: list[Any]) -> Any:
@@ -184,6 +202,12 @@ class _Density:
         self.sd_priors = [priors[nm] for nm in lay.sd]
         self.cor_priors = [priors[nm] for nm in lay.cor_prior_names]
         self.sigma_prior = priors.get("sigma")
+        import numpyro.distributions as dist
+
+        self.beta_normal = None
+        if self.beta_priors and all(type(pr) is dist.Normal for pr in self.beta_priors):
+            self.beta_normal = (np.array([float(pr.loc) for pr in self.beta_priors]),
+                                np.array([float(pr.scale) for pr in self.beta_priors]))
         self.fixed = dict(fixed or {})
         self.free_sd = np.array([nm not in self.fixed for nm in lay.sd], dtype=bool)
         self.fixed_log_sd = np.log(np.array([self.fixed.get(nm, 1.0) for nm in lay.sd], dtype=float))
@@ -271,16 +295,23 @@ class _Density:
         return out
 
     # -- log density -----------------------------------------------------------------------------
-    def log_prior(self, params: dict[str, Any], beta_raw: Any = None) -> tuple[Any, dict[str, Any]]:
+    def log_prior(self, params: dict[str, Any], beta_raw: Any = None,
+                  want_parts: bool = False) -> tuple[Any, dict[str, Any]]:
         parts: dict[str, Any] = {}
         if beta_raw is None:
             beta_raw = self.effects(params)[0]
         icpt_c = None
         if self.d.icpt is not None:
             icpt_c = beta_raw[self.d.icpt] + jnp.dot(jnp.asarray(self.d.xmean), beta_raw)
-        for i, (nm, pr) in enumerate(zip(self.lay.fixef, self.beta_priors)):
-            v = icpt_c if (i == self.d.icpt and not self.icpt_raw) else beta_raw[i]
-            parts[nm] = pr.log_prob(v)
+        if self.beta_normal is not None and not want_parts:  # all Normal: one vectorised log density
+            v = beta_raw if icpt_c is None or self.icpt_raw else beta_raw.at[self.d.icpt].set(icpt_c)
+            loc, scale = self.beta_normal
+            parts["fixef"] = jnp.sum(-0.5 * ((v - loc) / scale) ** 2) - float(np.sum(np.log(scale))) \
+                - 0.5 * len(loc) * np.log(2.0 * np.pi)
+        else:
+            for i, (nm, pr) in enumerate(zip(self.lay.fixef, self.beta_priors)):
+                v = icpt_c if (i == self.d.icpt and not self.icpt_raw) else beta_raw[i]
+                parts[nm] = pr.log_prob(v)
         log_sd = params["log_sd"]
         for i, (nm, pr) in enumerate(zip([n for n in self.lay.sd if n not in self.fixed],
                                          [p for n, p in zip(self.lay.sd, self.sd_priors) if n not in self.fixed])):
@@ -314,14 +345,14 @@ class _Density:
     def sigma(self, params: dict[str, Any]) -> Any:
         return jnp.exp(self.log_sigma(params)) if self.lay.sigma else None
 
-    def log_density(self, params: dict[str, Any]) -> Any:
+    def log_density(self, params: dict[str, Any], y: Any = None) -> Any:
         beta, bs, Ls, _ = self.effects(params)
         lp, _ = self.log_prior(params, beta)
         if self.marginal is not None:
             ll = self.marginal.loglik(beta, Ls, self.sigma(params))
             return lp + self.clones * ll
         lp = lp + self.log_ranef_prior(params, Ls)
-        return lp + jnp.sum(_loglik_obs(self.d, self.eta(beta, bs), self.sigma(params)))
+        return lp + _loglik_sum(self.d, self.eta(beta, bs), self.sigma(params), y)
 
     # -- reported quantities ---------------------------------------------------------------------
     def constrain(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -375,10 +406,16 @@ def _auto_centered(model: Model, fit: Any, sigma: float | None) -> list[bool]:
     return out
 
 
-def _start(dens: _Density, fit: Any, chains: int, rng: np.random.Generator) -> dict[str, Any]:
+def _start(dens: _Density, fit: Any, chains: int, rng: np.random.Generator, *,
+           values: tuple[np.ndarray, list[np.ndarray], float, np.ndarray] | None = None) -> dict[str, Any]:
+    """Start values per chain: the ML fit (or ``values`` = (β raw, absolute L_j, σ, b)) with a small jitter."""
     model, d, lay = dens.model, dens.d, dens.lay
     K = dens.clones
-    if fit is not None:
+    if values is not None:
+        beta_raw, Ls, s, b = (np.asarray(values[0], dtype=float), [np.asarray(L) for L in values[1]],
+                              float(values[2]), np.asarray(values[3], dtype=float))
+        se = np.full(model.p, 0.1)
+    elif fit is not None:
         beta_raw = np.asarray(fit.fixef, dtype=float)
         s = float(fit.sigma) if lay.sigma else 1.0
         Ls = [s * T for T in model.lambda_blocks(fit.theta)]
@@ -456,7 +493,7 @@ def _check_finite(dens: _Density, init: dict[str, Any]) -> None:
     if np.all(np.isfinite(total)):
         return
     one = {k: v[int(np.flatnonzero(~np.isfinite(total))[0])] for k, v in init.items()}
-    _, parts = dens.log_prior(one)
+    _, parts = dens.log_prior(one, want_parts=True)
     cons = dens.constrain(one)
     vals = dict(zip(dens.lay.fixef, np.asarray(cons["fixef"]).tolist()))
     vals.update(zip(dens.lay.sd, np.asarray(cons["sd"]).tolist()))
@@ -649,23 +686,11 @@ def sample_model(model: Model, *, priors: dict[str, Any] | None = None, draws: i
     _check_finite(dens, init)
     t_init = time.perf_counter() - t0
 
-    from numpyro.infer import MCMC, NUTS
-
-    logd = jax.jit(dens.log_density)
-
-    def potential(params):
-        return -logd(params)
-
-    kernel = NUTS(potential_fn=potential, **nuts_options)
     show = progress and sys.stderr.isatty()
-    mcmc = MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains, chain_method=cm,
-                progress_bar=show, thinning=thinning)
-    if chains == 1:
-        init = {k: v[0] for k, v in init.items()}
+    mcmc = _make_mcmc(dens, init, chains=chains, warmup=warmup, draws=draws, chain_method=cm, progress=show,
+                      thinning=thinning, nuts_options=nuts_options)
     t1 = time.perf_counter()
-    mcmc.run(jax.random.PRNGKey(int(seed)), init_params=init,
-             extra_fields=("diverging", "energy", "num_steps", "adapt_state.step_size", "potential_energy",
-                           "accept_prob"))
+    _run(mcmc, seed, dens.d.y, init, chains)
     samples = mcmc.get_samples(group_by_chain=True)
     jax.block_until_ready(samples)
     t_sample = time.perf_counter() - t1
@@ -678,6 +703,36 @@ def sample_model(model: Model, *, priors: dict[str, Any] | None = None, draws: i
     res.ml_fit = fit
     res._check(warn)
     return res
+
+
+_EXTRA = ("diverging", "energy", "num_steps", "adapt_state.step_size", "potential_energy", "accept_prob")
+
+
+def _make_mcmc(dens: _Density, init: dict[str, Any], *, chains: int, warmup: int, draws: int, chain_method: str,
+               progress: bool, thinning: int, nuts_options: dict[str, Any]) -> Any:
+    """NumPyro's MCMC over the unconstrained parameters, the response an argument of the model (so a new
+    response of the same shape — simulation-based calibration — reuses the compiled sampler)."""
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.distributions import constraints
+    from numpyro.infer import MCMC, NUTS
+
+    shapes = {k: tuple(v.shape[1:]) for k, v in init.items()}
+
+    def npmodel(y):
+        params = {k: numpyro.sample(k, dist.ImproperUniform(constraints.real, (), shape)) if shape else
+                  numpyro.sample(k, dist.ImproperUniform(constraints.real, (), ())) for k, shape in shapes.items()}
+        numpyro.factor("log_density", dens.log_density(params, y))
+
+    kernel = NUTS(npmodel, **nuts_options)
+    return MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains, chain_method=chain_method,
+                progress_bar=progress, thinning=thinning, jit_model_args=True)
+
+
+def _run(mcmc: Any, seed: int, y: Any, init: dict[str, Any], chains: int) -> None:
+    if chains == 1:
+        init = {k: v[0] for k, v in init.items()}
+    mcmc.run(jax.random.PRNGKey(int(seed)), jnp.asarray(y), init_params=init, extra_fields=_EXTRA)
 
 
 def _check_fixed(model: Model, fixed: Any) -> dict[str, float]:
@@ -701,12 +756,43 @@ def _check_fixed(model: Model, fixed: Any) -> dict[str, float]:
     return out
 
 
+#: largest dense block (random effects outside the first grouping factor) for which ``marginalize="auto"``
+#: picks the exact LMM marginal: its Cholesky costs q_rest³/3 flops per gradient
+AUTO_MAX_QREST = 300
+
+
 def _marginal(model: Model, marginalize: Any, clones: int) -> tuple[Any, str]:
+    """The marginal likelihood to sample with (or None) and the label saying which sampler ran."""
+    full = "full NUTS (random effects sampled)"
     if marginalize not in ("auto", True, False, "exact", "agq", "laplace"):
         raise SamplingError(f"marginalize must be 'auto', True, False, 'exact', 'agq' or 'laplace'; got {marginalize!r}")
-    if marginalize in (False, "auto"):
-        return None, "full NUTS (random effects sampled, non-centred/centred per term)"
-    raise SamplingError("marginal NUTS is not available in this build")
+    if marginalize is False:
+        return None, full
+    from ..errors import DesignError
+    from . import marginal as mg
+
+    ok, why = mg.applies(model)
+    if marginalize == "auto":
+        if not ok:
+            return None, full
+        lay = mg.bc.Layout(model)
+        if model.family_name == "gaussian" and lay.q_rest > AUTO_MAX_QREST:
+            return None, full + f" (marginal skipped: dense block of {lay.q_rest} random effects)"
+        ml = mg.build(model, "auto")
+    elif marginalize is True:
+        if not ok:
+            raise SamplingError(f"marginalize=True cannot apply to {model.formula!r}: {why}")
+        ml = mg.build(model, "auto")
+    else:
+        try:
+            ml = mg.build(model, marginalize)
+        except DesignError as err:
+            raise SamplingError(f"marginalize={marginalize!r} cannot apply to {model.formula!r}: {err}") from None
+    if ml.kind == "laplace" and model.family_name != "gaussian":
+        return ml, ("marginal NUTS, random effects integrated out by the Laplace approximation "
+                    "(APPROXIMATE: the posterior of an approximate likelihood)")
+    how = "exactly (Gaussian)" if ml.kind == "exact" else f"by adaptive Gauss-Hermite quadrature, {ml.kind}"
+    return ml, f"marginal NUTS (random effects integrated out {how}, then drawn given each draw)"
 
 
 def sample_prior(model_or_formula: Model | str, data: pd.DataFrame | None = None, family: Any = "gaussian", *,

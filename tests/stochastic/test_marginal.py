@@ -85,8 +85,11 @@ def test_lmm_crossed_penicillin_and_dense_reference():
                  offset=rng.normal(size=len(pen)))
     ml = mg.build(m)
     Ls = [np.array([[0.7]]), np.array([[1.9]])]
-    ref = _dense_lmm(m, np.array([22.5]), Ls, 0.6)[0]
+    ref, mean, cov = _dense_lmm(m, np.array([22.5]), Ls, 0.6)
     assert float(ml.loglik(np.array([22.5]), Ls, 0.6)) == pytest.approx(ref, abs=1e-8)
+    cm, cc = ml.cond_moments(np.array([22.5]), Ls, 0.6)  # the crossed factor's conditional Gaussian
+    np.testing.assert_allclose(np.asarray(cm), mean, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(cc), cov, atol=1e-9)
 
 
 def test_lmm_vector_rest_term_dense_reference():
@@ -98,7 +101,18 @@ def test_lmm_vector_rest_term_dense_reference():
     assert ml.lay.q_rest == 14
     Ls = [np.array([[30.0]]), np.array([[10.0, 0.0], [-2.0, 4.0]])]
     beta = np.array([250.0, 9.0])
-    assert float(ml.loglik(beta, Ls, 28.0)) == pytest.approx(_dense_lmm(m, beta, Ls, 28.0)[0], abs=1e-8)
+    ref = _dense_lmm(m, beta, Ls, 28.0)[0]
+    assert float(ml.loglik(beta, Ls, 28.0)) == pytest.approx(ref, abs=1e-8)
+    # both forms of the Schur downdate: one dense product (chosen here) and the scatter over pairs of pairs
+    # (chosen for sparse crossings such as InstEval's)
+    sparse = mg.build(m)
+    assert ml.lay.dense_S
+    sparse.lay.dense_S = False
+    assert float(sparse.loglik(beta, Ls, 28.0)) == pytest.approx(ref, abs=1e-8)
+    _, mean, cov = _dense_lmm(m, beta, Ls, 28.0)
+    cm, cc = sparse.cond_moments(beta, Ls, 28.0)  # (the dense form: Penicillin above)
+    np.testing.assert_allclose(np.asarray(cm), mean, atol=1e-8)
+    np.testing.assert_allclose(np.asarray(cc), cov, atol=1e-8)
 
 
 def test_lmm_gradient_matches_finite_differences(sleep):
@@ -178,6 +192,13 @@ def test_agq_proportions_with_weights_and_poisson_offset(cbpp):
     ref = agq(engp, np.array([0.6]), np.array([-2.2, -1.0, -1.2, -1.7]), tensor_rule(9, 1))[0]
     mlp = mg.build(mp)
     assert mlp.kind == "agq(9)"
+    # prior weights (Poisson: they multiply the log-likelihood and its constants)
+    wts = np.random.default_rng(2).uniform(0.5, 2.0, len(cbpp))
+    mw = sm.Model("incidence ~ period + offset(log(size)) + (1 | herd)", cbpp, family="poisson", weights=wts)
+    refw = agq(LevelEngine(mw, get_family("poisson")), np.array([0.6]), np.array([-2.2, -1.0, -1.2, -1.7]),
+               tensor_rule(9, 1))[0]
+    assert -2 * float(mg.build(mw).loglik(np.array([-2.2, -1.0, -1.2, -1.7]), [np.array([[0.6]])])) == \
+        pytest.approx(refw, abs=1e-7)
     assert -2 * float(mlp.loglik(np.array([-2.2, -1.0, -1.2, -1.7]), [np.array([[0.6]])])) == pytest.approx(ref,
                                                                                                           abs=1e-7)
 
@@ -200,6 +221,61 @@ def test_vector_agq_equals_deterministic_vector_agq(slopes):
         val = -2 * float(ml.loglik(be, ml.L_list(th)))
         assert val == pytest.approx(agq(eng, th, be, tensor_rule(nq, 2))[0], abs=1e-7)
     assert mg.build(m).kind == "agq(5)"
+
+
+def test_two_terms_on_one_factor_are_one_block():
+    # (1 | id) + (0 + Anger | id): one 2-dimensional block per level, two factors in L_list, b in Z's order
+    v = sm.datasets.load("VerbAgg")
+    m = sm.Model("r2 ~ Anger + btype + (1 | id) + (0 + Anger | id)", v[v["id"].astype(int) <= 40], family="binomial")
+    ml = mg.build(m, nagq=3)
+    assert ml.lay.k0 == 2 and ml.lay.q_rest == 0 and mg.applies(m)[0]
+    th, be = np.array([1.1, 0.07]), np.array([0.2, 0.05, -1.0, -2.0])
+    ref = agq(LevelEngine(m, get_family("binomial")), th, be, tensor_rule(3, 2))[0]
+    assert -2 * float(ml.loglik(be, ml.L_list(th))) == pytest.approx(ref, abs=1e-7)
+    b = np.asarray(ml.draw_ranef(jax.random.PRNGKey(0), be, ml.L_list(th)))
+    assert b.shape == (m.q,) and np.all(np.isfinite(b))
+    # the slopes are the second term's columns: their scale follows its SD (0.07 × Anger), not the intercepts'
+    assert np.std(b[m.z_slices[1]]) < 0.5 * np.std(b[m.z_slices[0]])
+
+
+def test_vector_glmm_draws_match_importance_sampling(slopes):
+    # (time | id), 2 random effects per level: per-level moments of b | y by self-normalised importance
+    # sampling in NumPy (Bernoulli-logit likelihood written out here) from a widened Gaussian fitted to the
+    # draws (consistent for any proposal); z uses both Monte Carlo errors
+    m = slopes
+    ml = mg.build(m)
+    th, be = np.array([0.6, 0.15, 0.15]), np.array([-2.0, -1.1, 0.25, 0.0])
+    Ls = ml.L_list(th)
+    N = 1000
+    keys = jax.random.split(jax.random.PRNGKey(7), N)
+    b, acc = jax.jit(lambda ks: jax.lax.map(lambda k: ml.draw_info(k, be, Ls), ks))(keys)
+    b = np.asarray(b).reshape(N, m.terms[0].nlev, 2)
+    assert float(np.mean(acc)) > 0.8
+    t = m.terms[0]
+    S = Ls[0] @ Ls[0].T
+    Sinv = np.linalg.inv(S)
+    eta0 = m.X @ be
+    rng = np.random.default_rng(3)
+    M = 10_000
+    zs = []
+    for lev in range(t.nlev):
+        rows = t.refs == lev
+        mu, C = b[:, lev].mean(0), 2.0 * np.cov(b[:, lev], rowvar=False)
+        Lc = np.linalg.cholesky(C)
+        e = rng.standard_normal((M, 2))
+        x = mu + e @ Lc.T
+        eta = eta0[rows][None, :] + x @ t.z[rows].T
+        lw = (m.y[rows] * eta - np.logaddexp(0, eta)).sum(1) - 0.5 * np.einsum("ma,ab,mb->m", x, Sinv, x)
+        lw += 0.5 * np.sum(e * e, 1)
+        w = np.exp(lw - lw.max())
+        w /= w.sum()
+        ess = 1.0 / np.sum(w**2)
+        m_is = w @ x
+        v_is = w @ (x - m_is) ** 2
+        zs.append((b[:, lev].mean(0) - m_is) / np.sqrt(v_is / N + v_is / ess))
+        zs.append((b[:, lev].var(0, ddof=1) - v_is) / (v_is * np.sqrt(2 / N + 2 / ess)))
+    # 400 statistics: a correct sampler exceeds 4.5 with probability about 400 × 7e-6 = 3e-3
+    assert np.max(np.abs(np.concatenate(zs))) < Z_MAX
 
 
 def test_agq_gradients_match_finite_differences(cbpp, slopes):
@@ -282,8 +358,16 @@ def test_laplace_crossed_equals_deterministic_laplace():
 # ---------------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------------
-def test_bad_input(sleep, cbpp):
+def test_bad_input(sleep, cbpp, monkeypatch):
     fit, ml = sleep
+    # the dense block (factors after the first) has a size limit, with the cost in the message
+    pen = sm.Model("diameter ~ 1 + (1 | plate) + (1 | sample)", sm.datasets.load("penicillin"))
+    monkeypatch.setattr(mg.bc, "MAX_DENSE", 5)
+    ok, why = mg.applies(pen)
+    assert not ok and "limited to 5" in why and "GFlop" in why
+    with pytest.raises(DesignError, match="limited to 5"):
+        mg.build(pen)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="kind"):
         mg.build(fit.model, kind="exactly")
     with pytest.raises(DesignError, match="GLMMs"):
@@ -313,7 +397,7 @@ def test_laplace_crossed_draws_match_importance_sampling():
     Ls = ml.L_list(th)
     N = 1000
     keys = jax.random.split(jax.random.PRNGKey(1), N)
-    b, acc = jax.jit(jax.vmap(lambda k: ml.draw_info(k, be, Ls)))(keys)
+    b, acc = jax.jit(lambda ks: jax.lax.map(lambda k: ml.draw_info(k, be, Ls), ks))(keys)  # (vmap compiles longer)
     b = np.asarray(b)
     assert float(np.mean(acc)) > 0.8
     Z = m.Z.toarray()

@@ -50,7 +50,14 @@ def cbpp_post(cbpp):
     with warnings.catch_warnings():
         warnings.simplefilter("error", diag.SamplerWarning)  # a clean run: no diagnostic fails
         return sm.sample(CBPP, cbpp, family="binomial", priors=PEER_PRIORS, seed=3, progress=False,
-                         posterior_predictive=True)
+                         posterior_predictive=True, marginalize=False)
+
+
+@pytest.fixture(scope="module")
+def cbpp_marginal(cbpp):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", diag.SamplerWarning)
+        return sm.sample(CBPP, cbpp, family="binomial", priors=PEER_PRIORS, seed=4, progress=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,8 +102,11 @@ HANDWRITTEN = [
 ]
 
 
-def test_cbpp_matches_handwritten_numpyro(cbpp_post):
-    t = cbpp_post.summary_table()
+@pytest.mark.parametrize("which", ["full", "marginal"])
+def test_cbpp_matches_handwritten_numpyro(cbpp_post, cbpp_marginal, which):
+    post = cbpp_post if which == "full" else cbpp_marginal
+    assert post.sampler.startswith(which)
+    t = post.summary_table()
     for name, key in [("(Intercept)", "(Intercept)"), ("period2", "period2"), ("period3", "period3"),
                       ("period4", "period4"), ("sd(herd)", "sd_herd")]:
         theirs = np.mean([r["post_mean"][key] for r in HANDWRITTEN])
@@ -169,11 +179,13 @@ def test_diagnostics_agree_with_arviz():
     ref_rhat = np.asarray(az.rhat(ds)["a"].values)
     # the vectorised screening versions: the same algorithm up to the autocorrelation truncation
     assert np.allclose(diag.ess_bulk(x), ref_bulk, rtol=1e-2)
-    assert np.allclose(diag.ess_tail(x), ref_tail, rtol=1e-2)
     assert np.allclose(diag.rhat(x), ref_rhat, rtol=1e-4)
+    if not is_arviz_1():  # ArviZ 1.x (arviz-stats) computes the tail ESS differently from Vehtari et al.'s
+        assert np.allclose(diag.ess_tail(x), ref_tail, rtol=1e-2)
     # the table is ArviZ's own numbers
     t = diag.param_table({"a": x[..., 0], "b": x[..., 1], "c": x[..., 2]})
     assert np.allclose(t["ess_bulk"], ref_bulk, rtol=1e-10) and np.allclose(t["r_hat"], ref_rhat, rtol=1e-10)
+    assert np.allclose(t["ess_tail"], ref_tail, rtol=1e-10)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,9 +195,9 @@ SHORT = dict(draws=60, warmup=60, chains=2, seed=1, progress=False, warn=False)
 
 
 @pytest.mark.parametrize("formula,family,kw", [
-    ("Reaction ~ Days + (Days || Subject)", "gaussian", {}),
-    ("incidence ~ period + offset(log(size)) + (1 | herd)", "poisson", {}),
-    (CBPP, "binomial(link='probit')", {}),
+    ("Reaction ~ Days + (Days || Subject)", "gaussian", {"marginalize": False}),
+    ("incidence ~ period + offset(log(size)) + (1 | herd)", "poisson", {"marginalize": False}),
+    (CBPP, "binomial(link='probit')", {"marginalize": False}),
     (CBPP, "binomial(link='cloglog')", {}),
     ("incidence / size ~ period + (1 | herd)", "binomial", {"weights": "size"}),
     ("strength ~ 1 + (1 | batch/cask)", "gaussian", {}),  # nested: two terms, crossed codes
@@ -196,8 +208,10 @@ def test_models_run(formula, family, kw):
     name = next(v for k, v in data.items() if formula.startswith(k))
     df = sm.datasets.load(name)
     post = sm.sample(formula, df, family=family, posterior_predictive=True, **SHORT, **kw)
+    assert post.sampler.startswith("full" if kw.get("marginalize") is False else "marginal")
+    wts = {k: v for k, v in kw.items() if k == "weights"}
     fit = (sm.lmer(formula, df) if family == "gaussian" else
-           sm.glmer(formula, df, family=family, **kw))
+           sm.glmer(formula, df, family=family, **wts))
     assert list(post.fixef.index) == list(fit.fixef.index)
     assert post.varcorr[["group", "term1", "term2"]].fillna("").equals(fit.varcorr[["group", "term1", "term2"]]
                                                                       .fillna(""))
@@ -215,7 +229,7 @@ def test_models_run(formula, family, kw):
 def test_model_sample_reproducible_and_warns(cbpp):
     before = cbpp.copy()
     m = sm.Model(CBPP, cbpp, family="binomial")
-    short = {**SHORT, "draws": 30, "warmup": 30, "warn": True}
+    short = {**SHORT, "draws": 30, "warmup": 30, "warn": True, "marginalize": False}
     with pytest.warns(diag.SamplerWarning, match=r"bulk ESS of .* is \d+ \(< 400\)"):
         a = m.sample(**short)
     with pytest.warns(diag.SamplerWarning):
@@ -243,11 +257,63 @@ def test_sample_prior(cbpp):
 
 
 # --------------------------------------------------------------------------------------------------
+# marginal NUTS against full NUTS
+# --------------------------------------------------------------------------------------------------
+def _agree(a, b, names):
+    """|mean_a − mean_b| in combined MCSEs, for each name (Bonferroni bound at family level 1 %)."""
+    ta, tb = a.summary_table(), b.summary_table()
+    z = {n: (ta.loc[n, "mean"] - tb.loc[n, "mean"]) / np.hypot(ta.loc[n, "mcse_mean"], tb.loc[n, "mcse_mean"])
+         for n in names}
+    assert all(abs(v) < zcrit(len(names)) for v in z.values()), z
+
+
+def test_marginal_agrees_with_full_cbpp(cbpp_post, cbpp_marginal):
+    assert "quadrature" in cbpp_marginal.sampler and "agq(9)" in cbpp_marginal.sampler
+    _agree(cbpp_post, cbpp_marginal, cbpp_post.layout.scalar_names)
+    # the random effects drawn after the fact agree with the sampled ones
+    rf, rm = cbpp_post._draws["b"].reshape(-1, 15), cbpp_marginal._draws["b"].reshape(-1, 15)
+    se = np.sqrt(rf.var(0) / float(np.min(diag.ess_bulk(cbpp_post._draws["b"])))
+                 + rm.var(0) / float(np.min(diag.ess_bulk(cbpp_marginal._draws["b"]))))
+    assert np.all(np.abs(rf.mean(0) - rm.mean(0)) < zcrit(15) * se)
+
+
+def test_marginal_agrees_with_full_sleepstudy():
+    sleep = sm.datasets.load("sleepstudy")
+    f = "Reaction ~ Days + (Days | Subject)"
+    kw = dict(draws=600, warmup=400, chains=4, progress=False)
+    full = sm.sample(f, sleep, marginalize=False, seed=5, **kw)
+    marg = sm.sample(f, sleep, seed=6, **kw)
+    assert marg.sampler.startswith("marginal NUTS") and "exactly" in marg.sampler
+    _agree(full, marg, full.layout.scalar_names)
+    assert {"posterior", "log_likelihood"} <= set(group_names(marg.idata))
+    assert marg.ranef["Subject"].shape == (18, 2)
+
+
+def test_marginalize_where_it_cannot_apply():
+    pen = sm.datasets.load("cbpp")
+    pen["g2"] = np.arange(len(pen)) % 4
+    with pytest.raises(SamplingError, match=r"marginalize=True cannot apply.*crossed or nested"):
+        sm.sample("cbind(incidence, size - incidence) ~ period + (1 | herd) + (1 | g2)", pen, family="binomial",
+                  marginalize=True)
+    with pytest.raises(SamplingError, match=r"marginalize='exact' cannot apply"):
+        sm.sample(CBPP, pen, family="binomial", marginalize="exact")
+    with pytest.raises(SamplingError, match="marginalize must be"):
+        sm.sample(CBPP, pen, family="binomial", marginalize="yes")
+
+
+# --------------------------------------------------------------------------------------------------
 # data cloning: the posterior of K copies concentrates at the MLE with K × variance → Wald variance
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cbpp_agq(cbpp):
-    return sm.glmer(CBPP, cbpp, nagq=25)
+def test_data_cloning_cbpp(cbpp):
+    fit = sm.glmer(CBPP, cbpp, nagq=25)
+    K = 32
+    post = sm.sample(CBPP, cbpp, family="binomial", clones=K, seed=7, progress=False, draws=500, warmup=500)
+    assert post.clones == K and post.sampler.startswith("marginal")
+    dc = post.dclone()
+    mle = np.r_[fit.fixef.to_numpy(), fit.theta]
+    assert np.all(np.abs(dc["estimate"].to_numpy() - mle) < 0.02), dc["estimate"].to_numpy() - mle
+    ratio = dc["se"].to_numpy()[:4] ** 2 / np.diag(fit.vcov.to_numpy())
+    assert np.all(np.abs(ratio - 1) < 0.10), ratio
 
 
 # --------------------------------------------------------------------------------------------------
