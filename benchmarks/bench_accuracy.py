@@ -13,6 +13,7 @@ Usage::
     python benchmarks/bench_accuracy.py            # nsim = 400 (≈ 1 min with R)
     python benchmarks/bench_accuracy.py --quick    # nsim = 100
     python benchmarks/bench_accuracy.py --no-r     # skip lme4
+    python benchmarks/bench_accuracy.py --is 100   # also: IS vs AGQ(9) on 100 replicates (≈ 1 s per IS fit)
 
 Results are also written to benchmarks/out/bench_accuracy.json. The machine may be shared: the
 script prints ``os.getloadavg()`` before and after.
@@ -88,6 +89,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-r", action="store_true")
+    ap.add_argument("--is", dest="n_is", type=int, default=0, help="replicates of an IS vs AGQ(9) study (0: skip)")
     args = ap.parse_args()
     nsim = 100 if args.quick else 400
     print(_blas.report())
@@ -172,7 +174,30 @@ def main() -> None:
     print(f"speed-up: 2 processes {out['procs2_rep_per_s'] / out['serial_rep_per_s']:.2f}x, "
           f"Dask {out['dask_rep_per_s'] / out['serial_rep_per_s']:.2f}x over serial; "
           f"study vs hand loop {out['hand_loop_s'] / out['serial_s']:.2f}x")
-    print(f"identical tables serial / processes / Dask: yes;  load average after: {os.getloadavg()}")
+    print("identical tables serial / processes / Dask: yes")
+
+    # ---------------------------------------------------------------- IS vs AGQ on the same replicates
+    if args.n_is:
+        t0 = time.perf_counter()
+        st = sm.accuracy_study(FORMULA, d, TRUTH, family="binomial", methods=("agq:9", "is:1000"), nsim=args.n_is,
+                               seed=2, n_jobs=2, progress=False)
+        out["is_study_s"] = time.perf_counter() - t0
+        s = st.summary.set_index(["method", "parameter"])
+        r = st.replicates[st.replicates["parameter"] == "sd(g)"]
+        sd = r.pivot(index="replicate", columns="method", values="estimate")
+        diff = sd["is:1000"] - sd["agq:9"]
+        print(f"\nIS (1000 draws per level) vs AGQ(9), same {args.n_is} replicates, 2 processes: "
+              f"{out['is_study_s']:.1f} s")
+        for m in ("agq:9", "is:1000"):
+            b, e = s.loc[(m, "sd(g)"), ["bias", "bias_mcse"]]
+            out[f"{m}_bias"], out[f"{m}_bias_mcse"] = float(b), float(e)
+            print(f"  {m:8s} bias of sd(g) {b:+.4f} (MC SE {e:.4f}); coverage {s.loc[(m, 'sd(g)'), 'coverage']:.3f}; "
+                  f"median fit {s.loc[(m, 'sd(g)'), 'median_seconds']:.3f} s")
+        out["is_minus_agq"] = float(diff.mean())
+        out["is_minus_agq_mcse"] = float(diff.std(ddof=1) / np.sqrt(diff.size))
+        print(f"  paired IS - AGQ: {out['is_minus_agq']:+.5f} (MC SE {out['is_minus_agq_mcse']:.5f}); "
+              f"largest |difference| {np.abs(diff).max():.4f}")
+    print(f"load average after: {os.getloadavg()}")
     dest = ROOT / "benchmarks" / "out"
     dest.mkdir(exist_ok=True)
     (dest / "bench_accuracy.json").write_text(json.dumps(out, indent=1))

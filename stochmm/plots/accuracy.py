@@ -66,7 +66,7 @@ def bias_coverage(study: Any, parameters: Sequence[str] | None = None, mc_level:
     ypos = np.arange(len(params))[::-1]
     for k, m in enumerate(methods):
         sub = tab[tab["method"] == m].set_index("parameter").reindex(params)
-        y = ypos + offsets[k]
+        y = ypos - offsets[k]  # the first method on top
         c = colors[k % len(colors)]
         if relative:
             b = sub["rel_bias"].to_numpy(dtype=float)

@@ -596,8 +596,12 @@ def accuracy_study(formula: str, data: pd.DataFrame, truth: Mapping[Any, Any], f
         As for :class:`~stochmm.builder.model.Model` (``None``: Gaussian).
     methods : sequence of str, optional
         From the method table (:mod:`stochmm.stochastic.accuracy_methods`): GLMMs ``"laplace"``,
-        ``"agq:K"`` (K quadrature nodes), ``"fast"`` (nAGQ = 0); linear mixed models ``"REML"``,
-        ``"ML"``. Default: ``("laplace", "agq:9")`` for GLMMs, ``("REML", "ML")`` for LMMs.
+        ``"agq:K"`` (K quadrature nodes), ``"fast"`` (nAGQ = 0), ``"is"`` or ``"is:D"`` (Monte Carlo
+        ML by importance sampling, D draws; ``Model.fit(method="is")``); linear mixed models
+        ``"REML"``, ``"ML"``; any model ``"nuts"`` (the posterior by NUTS, ``Model.sample``:
+        posterior means, SDs and intervals). Default: ``("laplace", "agq:9")`` for GLMMs,
+        ``("REML", "ML")`` for LMMs. Stochastic methods get their own seed per replicate, from the
+        replicate's stream and the method's name.
     nsim : int
         Number of replicates (≥ 1).
     seed : int, optional
@@ -605,12 +609,13 @@ def accuracy_study(formula: str, data: pd.DataFrame, truth: Mapping[Any, Any], f
         redraws it alone). ``None`` draws a fresh seed (recorded in the result).
     level : float
         Nominal level of the intervals.
-    interval : {"auto", "wald"}
-        ``"auto"``: each method's own interval (Wald, estimate ± z·SE, for ML/REML fits);
-        ``"wald"``: Wald intervals for every method. Wald intervals for SDs and correlations
-        exist where the fit has a Hessian in θ (GLMMs with nAGQ ≥ 1, delta method); elsewhere
-        (LMM variance components, nAGQ = 0, parameters on a bound) the interval is NaN, as in
-        lme4's ``confint(method = "Wald")``.
+    interval : {"auto", "wald", "posterior"}
+        ``"auto"``: each method's own interval (Wald, estimate ± z·SE, for ML/REML/IS fits;
+        equal-tailed posterior quantiles for NUTS); ``"wald"``: estimate ± z·SE for every method
+        (NUTS: posterior mean ± z·posterior SD); ``"posterior"``: quantile intervals (NUTS only).
+        Wald intervals for SDs and correlations exist where the fit has a Hessian in θ (GLMMs
+        with nAGQ ≥ 1 and IS, delta method); elsewhere (LMM variance components, nAGQ = 0,
+        parameters on a bound) the interval is NaN, as in lme4's ``confint(method = "Wald")``.
     client : dask.distributed.Client, optional
         Run the replicates on this cluster (the design is sent once to each worker).
     n_jobs : int, optional
@@ -624,7 +629,8 @@ def accuracy_study(formula: str, data: pd.DataFrame, truth: Mapping[Any, Any], f
     progress : bool
         A progress bar over replicates (shown on a terminal only).
     method_options : dict, optional
-        Keyword arguments for a method's fit, by method name: ``{"laplace": {"optimizer": "bobyqa"}}``.
+        Keyword arguments for a method's fit, by method name: ``{"laplace": {"optimizer": "bobyqa"}}``,
+        ``{"nuts": {"draws": 500, "warmup": 500, "chains": 2}}``, ``{"is": {"draws": 2000}}``.
     weights, offset : optional
         As for :class:`~stochmm.builder.model.Model`.
 

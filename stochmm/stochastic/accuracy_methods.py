@@ -3,8 +3,9 @@
 Each :class:`StudyMethod` says how to fit a replicate (a :class:`~stochmm.builder.model.Model`
 with a simulated response) and how to read the estimates, standard errors and intervals of the
 study's parameters from what the fit returns. :func:`parse_method` turns the strings users write
-(``"laplace"``, ``"agq:9"``, ``"fast"``, ``"REML"``, ``"ML"``) into rows of the table;
-another path joins the study by adding one row to :data:`METHODS`.
+(``"laplace"``, ``"agq:9"``, ``"fast"``, ``"REML"``, ``"ML"``; ``"is"``/``"is:1000"``, Monte Carlo ML
+by importance sampling; ``"nuts"``, the posterior by NUTS) into rows of the table; another path
+joins the study by adding one row to :data:`METHODS`.
 
 The study's parameters are the fixed effects (model-matrix column names), the random-effect SDs
 and correlations named after the variance components table (``varcorr``), and σ for linear mixed
@@ -316,6 +317,68 @@ def _ml(arg: str | None) -> StudyMethod:
     return StudyMethod("ML", "lmm", _LmmFit("ML"), _read_ml, ("wald",), "maximum likelihood")
 
 
+# -- Monte Carlo ML by importance sampling (stochmm.stochastic.mcml: Model.fit(method="is"))
+@dataclass(frozen=True)
+class _IsFit:
+    draws: int | None = None
+
+    def __call__(self, model: Model, seed: int, **options: Any) -> Any:
+        if self.draws is not None:
+            options = {**options, "draws": self.draws}
+        options.setdefault("progress", False)
+        return model.fit(method="is", seed=seed, **options)
+
+
+def _is(arg: str | None) -> StudyMethod:
+    if arg is None:
+        return StudyMethod("is", "glmm", _IsFit(), _read_ml, ("wald",),
+                           "Monte Carlo maximum likelihood by importance sampling", seeded=True)
+    try:
+        draws = int(arg)
+    except ValueError:
+        raise StudyInputError(f"'is:{arg}': the number of importance draws must be an integer, e.g. 'is:1000'") from None
+    if draws < 1:
+        raise StudyInputError(f"'is:{arg}' needs at least one importance draw")
+    return StudyMethod(f"is:{draws}", "glmm", _IsFit(draws), _read_ml, ("wald",),
+                       f"Monte Carlo maximum likelihood by importance sampling ({draws} draws)", seeded=True)
+
+
+# -- the posterior by NUTS (stochmm.stochastic.posterior: Model.sample)
+@dataclass(frozen=True)
+class _NutsFit:
+    def __call__(self, model: Model, seed: int, **options: Any) -> Any:
+        options.setdefault("progress", False)
+        return model.sample(seed=seed, **options)
+
+
+def _read_posterior(post: Any, ctx: StudyContext, caught: list) -> Estimates:
+    """Posterior means as estimates, posterior SDs as SEs; intervals: equal-tailed posterior quantiles at
+    the level (``interval="auto"``/``"posterior"``) or mean ± z·SD (``"wald"``). Any sampler warning
+    (R-hat, ESS, divergences, E-BFMI) counts as not converged."""
+    from .diagnostics import SamplerWarning
+
+    k = len(ctx.names)
+    est, se, lo, hi = (np.full(k, np.nan) for _ in range(4))
+    a = (1.0 - ctx.level) / 2.0
+    for i, name in enumerate(ctx.names):
+        d = np.asarray(post.draws(name), dtype=float).ravel()
+        est[i], se[i] = d.mean(), d.std(ddof=1)
+        if ctx.interval == "wald":
+            lo[i], hi[i] = est[i] - ctx.z * se[i], est[i] + ctx.z * se[i]
+        else:
+            lo[i], hi[i] = np.quantile(d, [a, 1.0 - a])
+    converged = not any(issubclass(w.category, (SamplerWarning, ConvergenceWarning)) for w in caught)
+    return Estimates(est, se, lo, hi, converged, False)
+
+
+def _nuts(arg: str | None) -> StudyMethod:
+    if arg is not None:
+        raise StudyInputError(f"'nuts:{arg}': NUTS takes its settings from method_options, e.g. "
+                              "method_options={'nuts': {'draws': 1000, 'chains': 4}}")
+    return StudyMethod("nuts", "any", _NutsFit(), _read_posterior, ("posterior", "wald"),
+                       "posterior by NUTS (NumPyro): posterior means, SDs and quantile intervals", seeded=True)
+
+
 #: method name (lower case, before any ``:argument``) -> factory(argument) -> StudyMethod
 METHODS: dict[str, Callable[[str | None], StudyMethod]] = {
     "laplace": _laplace,
@@ -323,9 +386,12 @@ METHODS: dict[str, Callable[[str | None], StudyMethod]] = {
     "fast": _fast,
     "reml": _reml,
     "ml": _ml,
+    "is": _is,
+    "nuts": _nuts,
 }
 
-_SPELLED = {"laplace": "laplace", "agq": "agq:K", "fast": "fast", "reml": "REML", "ml": "ML"}
+_SPELLED = {"laplace": "laplace", "agq": "agq:K", "fast": "fast", "reml": "REML", "ml": "ML", "is": "is[:draws]",
+            "nuts": "nuts"}
 
 
 def method_names(family: str | None = None) -> list[str]:

@@ -238,6 +238,39 @@ def test_a_failing_fit_is_recorded_and_the_study_goes_on():
     assert s["fail_rate"] == 1.0 and s["n"] == 0
 
 
+def test_a_new_row_in_the_method_table_joins_the_study(monkeypatch):
+    """The method table is the only place a method is defined: a row whose fit fails on some
+    replicates (odd number of successes) gets those recorded as failed, with the message."""
+    from stochmm.stochastic import accuracy_methods as am
+
+    def fit(model, seed, **options):
+        if int(model.y.sum()) % 2:
+            raise RuntimeError(f"odd response total {int(model.y.sum())}")
+        return model.fit(method="laplace")
+
+    row_ = am.StudyMethod("picky", "glmm", fit, am._read_ml, ("wald",), "Laplace on even totals only")
+    monkeypatch.setitem(am.METHODS, "picky", lambda arg: row_)
+    st = _run(n_jobs=1, nsim=12, methods=("laplace", "picky"))
+    r = st.replicates[st.replicates["parameter"] == "x"].set_index(["replicate", "method"])
+    totals = {i: int(replicate_response(st.model, truth_to_parameters(st.model, BIN["truth"]), 42, i).sum())
+              for i in range(12)}
+    odd = [i for i, t in totals.items() if t % 2]
+    assert 0 < len(odd) < 12
+    for i, t in totals.items():
+        failed = bool(r.loc[(i, "picky"), "failed"])
+        assert failed == (t % 2 == 1)
+        if failed:
+            assert r.loc[(i, "picky"), "error"] == f"RuntimeError: odd response total {t}"
+        else:
+            assert r.loc[(i, "picky"), "estimate"] == r.loc[(i, "laplace"), "estimate"]
+    assert row(st.summary, "picky", "x")["fail_rate"] == pytest.approx(len(odd) / 12)
+
+
+def test_progress_bar_is_quiet_when_not_a_terminal(capsys):
+    _run(n_jobs=1, nsim=2, methods=("fast",), progress=True)
+    assert capsys.readouterr().err == ""
+
+
 def test_warnings_are_captured_per_replicate():
     # no random effect in truth: many fits land on the boundary
     st = _run(n_jobs=1, nsim=10, truth={"beta": [-0.5, 1.0], "sd(g)": 0.0}, methods=("laplace",))
@@ -322,7 +355,7 @@ def test_bad_correlations():
 
 @pytest.mark.parametrize("kw, message", [
     ({"methods": ("lapalce",)}, r"unknown method 'lapalce'. Did you mean 'laplace'\? Methods for a binomial "
-                                r"model: laplace, agq:K, fast"),
+                                r"model: laplace, agq:K, fast, is\[:draws\], nuts"),
     ({"methods": ("REML",)}, "fits linear mixed models; methods for a binomial model"),
     ({"methods": ("agq",)}, "needs its number of nodes"),
     ({"methods": ("agq:1",)}, "use 'laplace'"),
@@ -394,3 +427,64 @@ def test_delta_method_for_a_vector_term_matches_the_analytic_jacobian():
     assert free[:3].all()
     cov_t = 2.0 * np.linalg.inv(fit.derivs["Hessian"])[:3, :3]
     np.testing.assert_allclose(se, np.sqrt(np.diag(J @ cov_t @ J.T)), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# stochastic methods: Monte Carlo ML by importance sampling ("is"), the posterior by NUTS ("nuts")
+# ------------------------------------------------------------------------------------------------
+def test_importance_sampling_row(small_cluster_design):
+    """IS estimates the MLE: on a replicate of the reference scenario it agrees with AGQ(25) within
+    4 Monte Carlo SEs of its own estimates; any replicate's IS fit is reproducible from its seed."""
+    from stochmm.stochastic.accuracy import _method_seed
+
+    d, _ = small_cluster_design
+    truth = {"beta": [-1.0, 0.5], "sd(g)": 2.0}
+    st = sm.accuracy_study("y ~ x + (1 | g)", d, truth, family="binomial", methods=("agq:25", "is:500"), nsim=2,
+                           seed=3, n_jobs=1, progress=False)
+    r = st.replicates
+    assert not r["failed"].any()
+    tp = truth_to_parameters(st.model, truth)
+    y = replicate_response(st.model, tp, 3, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = st.model.with_response(y).fit(method="is", draws=500, seed=_method_seed(3, 1, "is:500"), progress=False)
+    est = r[r["replicate"] == 1].pivot(index="parameter", columns="method", values="estimate")
+    ours = est.loc[["(Intercept)", "x", "sd(g)"], "is:500"].to_numpy()
+    np.testing.assert_allclose(ours, np.r_[fit.fixef.to_numpy(), fit.theta], rtol=1e-10)
+    mc = fit.mc_se[["(Intercept)", "x", fit.model.theta_names[0]]].to_numpy()
+    agq = est.loc[["(Intercept)", "x", "sd(g)"], "agq:25"].to_numpy()
+    assert np.all(np.abs(ours - agq) <= 4 * mc), (ours, agq, mc)
+    with pytest.raises(StudyInputError, match="fits GLMMs"):
+        sm.accuracy_study("y ~ x + (1 | g)", d, {"beta": [0, 1], "sd(g)": 1.0, "sigma": 1.0}, methods=("is",),
+                          nsim=1, n_jobs=1, progress=False)
+
+
+def test_nuts_row_reports_posterior_means_sds_and_quantiles():
+    pytest.importorskip("numpyro")
+    d = _binary_design()
+    opts = {"nuts": {"draws": 150, "warmup": 150, "chains": 2}}
+    st = _run(n_jobs=1, nsim=1, methods=("laplace", "nuts"), method_options=opts)
+    r = st.replicates.set_index(["method", "parameter"])
+    nuts = r.loc["nuts"]
+    assert not nuts["failed"].any()
+    # the posterior of replicate 0, drawn alone with the method's seed
+    from stochmm.stochastic.accuracy import _method_seed
+
+    tp = truth_to_parameters(st.model, BIN["truth"])
+    y = replicate_response(st.model, tp, 42, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        post = st.model.with_response(y).sample(seed=_method_seed(42, 0, "nuts"), progress=False, **opts["nuts"])
+    for name in ("(Intercept)", "x", "sd(g)"):
+        dr = post.draws(name).ravel()
+        np.testing.assert_allclose(nuts.loc[name, ["estimate", "se"]].to_numpy(dtype=float),
+                                   [dr.mean(), dr.std(ddof=1)], rtol=1e-10)
+        np.testing.assert_allclose(nuts.loc[name, ["lower", "upper"]].to_numpy(dtype=float),
+                                   np.quantile(dr, [0.025, 0.975]), rtol=1e-10)
+    # sampler warnings (R-hat, ESS, ...) count as non-convergence and are kept
+    assert bool(nuts["converged"].iloc[0]) == (nuts["warnings"].iloc[0] == "")
+    assert d.shape == (120, 2)
+    with pytest.raises(StudyInputError, match="'posterior' is not available for method.*'laplace' \\(offers wald\\)"):
+        _run(n_jobs=1, nsim=1, methods=("laplace", "nuts"), interval="posterior")
+    with pytest.raises(StudyInputError, match="settings from method_options"):
+        _run(n_jobs=1, nsim=1, methods=("nuts:500",))
