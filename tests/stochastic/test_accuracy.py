@@ -306,6 +306,16 @@ def test_parameter_names_follow_the_posterior_names():
     assert parameter_names(m2)[2:] == ["sd(g)", "sd(g.1)"]
 
 
+@pytest.mark.parametrize("formula", ["y ~ x + (x | g)", "y ~ x + (x || g)", "y ~ x + (1 | g) + (0 + x | g)",
+                                     "y ~ x + (1 | g) + (1 | g)"])
+def test_parameter_names_are_the_posterior_names(formula):
+    pytest.importorskip("numpyro")
+    from stochmm.stochastic.priors import layout
+
+    m = sm.Model(formula, _binary_design().assign(y=0.0), family="binomial")
+    assert sorted(parameter_names(m)) == sorted(layout(m).scalar_names)
+
+
 def test_variance_scale_summary():
     st = _run(n_jobs=1, nsim=5, methods=("agq:5",))
     v = summarize(st.replicates, scale="variance")
