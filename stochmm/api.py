@@ -55,6 +55,7 @@ ENTRY_POINTS: dict[str, str] = {
     "check_approximation": "stochmm.stochastic.compare:check_approximation",
 
     # -- stochastic: accuracy studies
+    "accuracy_study": "stochmm.stochastic.accuracy:accuracy_study",
 
     # -- methods (dotted names are not attributes of `stochmm`)
     "Model.fit:lmm": "stochmm.deterministic.lmm:fit_lmm",

@@ -14,5 +14,6 @@ from .profile import bootstrap_hist, profile_zeta  # noqa: F401
 from .approximation import approximation_error
 
 # -- accuracy studies
+from .accuracy import bias_coverage as bias_coverage  # isort: skip
 
 __all__ = ["caterpillar", "approximation_error"]
