@@ -627,9 +627,10 @@ def bootstrap(fit: Any, nsim: int = 1000, seed: int | None = 0, type: str = "par
                 bar.update(len(chunks[index[fut.key]]))
         elif workers > 1:
             import concurrent.futures as cf
-            import multiprocessing as mp
 
-            with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+            from ..parallel import process_context
+
+            with cf.ProcessPoolExecutor(workers, mp_context=process_context()) as ex:
                 futs = {ex.submit(_run_chunk, payload, kind, c): i for i, c in enumerate(chunks)}
                 for fut in cf.as_completed(futs):
                     rows[futs[fut]] = fut.result()

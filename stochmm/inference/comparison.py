@@ -170,9 +170,10 @@ def pboot_pvalue(small: MixedModelResults, large: MixedModelResults, stat: float
                 bar.update(len(chunks[i]))
         elif n_jobs > 1:
             import concurrent.futures as cf
-            import multiprocessing as mp
 
-            with cf.ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("fork")) as ex:
+            from ..parallel import process_context
+
+            with cf.ProcessPoolExecutor(n_jobs, mp_context=process_context()) as ex:
                 futs = {ex.submit(_pb_chunk, pls, pll, c): i for i, c in enumerate(chunks)}
                 for fut in cf.as_completed(futs):
                     res[futs[fut]] = fut.result()

@@ -50,6 +50,7 @@ import numpy as np
 import pandas as pd
 
 from ..builder.model import Model
+from ..parallel import process_context
 from ..results import unique_group_names
 from .accuracy_methods import (
     StudyContext,
@@ -802,7 +803,7 @@ def _execute(payload: _Payload, tasks: list, client: Any, n_jobs: int | None, ch
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
             # the workers start before the progress bar's thread exists
-            with ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker,
+            with ProcessPoolExecutor(workers, mp_context=process_context(), initializer=_init_worker,
                                      initargs=(payload,)) as ex:
                 futs = {ex.submit(_run_in_worker, ch): len(ch) for ch in chunks}
                 bar = _progress_bar(len(tasks), progress)
@@ -816,14 +817,3 @@ def _execute(payload: _Payload, tasks: list, client: Any, n_jobs: int | None, ch
         if bar is not None:
             bar.close()
     return frames
-
-
-def _mp_context():
-    """``fork`` where it is safe (POSIX, JAX not loaded: its threads do not survive a fork), else
-    ``forkserver``/``spawn`` (scripts then need the ``if __name__ == "__main__":`` guard)."""
-    import multiprocessing as mp
-
-    methods = mp.get_all_start_methods()
-    if "fork" in methods and "jax" not in sys.modules:
-        return mp.get_context("fork")
-    return mp.get_context("forkserver" if "forkserver" in methods else "spawn")
