@@ -29,6 +29,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ..parallel import map_chunks
+
 __all__ = ["bootstrap", "Bootstrap", "param_names"]
 
 _TYPES = ("parametric", "residual", "case")
@@ -613,32 +615,9 @@ def bootstrap(fit: Any, nsim: int = 1000, seed: int | None = 0, type: str = "par
         workers = int(n_jobs)
     size = chunk or max(1, min(250, -(-nsim // (4 * workers)))) if workers > 1 or client is not None else (chunk or 50)
     chunks = [seeds[i : i + size] for i in range(0, nsim, size)]
-    rows: list[np.ndarray] = [None] * len(chunks)  # type: ignore[list-item]
     bar = _progress(nsim, progress, f"{kind} bootstrap")
     try:
-        if client is not None:
-            from dask.distributed import as_completed
-
-            pl = client.scatter(payload, broadcast=True)
-            futs = [client.submit(_run_chunk, pl, kind, c, pure=False) for c in chunks]
-            index = {f.key: i for i, f in enumerate(futs)}
-            for fut in as_completed(futs):
-                rows[index[fut.key]] = fut.result()
-                bar.update(len(chunks[index[fut.key]]))
-        elif workers > 1:
-            import concurrent.futures as cf
-
-            from ..parallel import process_context
-
-            with cf.ProcessPoolExecutor(workers, mp_context=process_context()) as ex:
-                futs = {ex.submit(_run_chunk, payload, kind, c): i for i, c in enumerate(chunks)}
-                for fut in cf.as_completed(futs):
-                    rows[futs[fut]] = fut.result()
-                    bar.update(len(chunks[futs[fut]]))
-        else:
-            for i, c in enumerate(chunks):
-                rows[i] = _run_chunk(payload, kind, c)
-                bar.update(len(c))
+        rows = map_chunks(_run_chunk, (payload, kind), chunks, n_jobs=workers, client=client, bar=bar)
     finally:
         bar.close()
     model = fit.model

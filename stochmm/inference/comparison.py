@@ -11,6 +11,7 @@ import pandas as pd
 from scipy.stats import chi2
 
 from ..errors import check_flag
+from ..parallel import map_chunks
 from ..results import MixedModelResults
 
 __all__ = ["anova"]
@@ -160,28 +161,9 @@ def pboot_pvalue(small: MixedModelResults, large: MixedModelResults, stat: float
     seeds = np.random.SeedSequence(seed).spawn(int(nsim))
     size = 50 if (client is None and n_jobs == 1) else max(1, -(-int(nsim) // (4 * max(n_jobs, 2))))
     chunks = [seeds[i : i + size] for i in range(0, int(nsim), size)]
-    res: list = [None] * len(chunks)
     bar = _progress(int(nsim), progress, "parametric-bootstrap LRT")
     try:
-        if client is not None:
-            futs = [client.submit(_pb_chunk, pls, pll, c, pure=False) for c in chunks]
-            for i, fut in enumerate(futs):
-                res[i] = fut.result()
-                bar.update(len(chunks[i]))
-        elif n_jobs > 1:
-            import concurrent.futures as cf
-
-            from ..parallel import process_context
-
-            with cf.ProcessPoolExecutor(n_jobs, mp_context=process_context()) as ex:
-                futs = {ex.submit(_pb_chunk, pls, pll, c): i for i, c in enumerate(chunks)}
-                for fut in cf.as_completed(futs):
-                    res[futs[fut]] = fut.result()
-                    bar.update(len(chunks[futs[fut]]))
-        else:
-            for i, c in enumerate(chunks):
-                res[i] = _pb_chunk(pls, pll, c)
-                bar.update(len(c))
+        res = map_chunks(_pb_chunk, (pls, pll), chunks, n_jobs=n_jobs, client=client, bar=bar)
     finally:
         bar.close()
     tab = np.vstack(res)
