@@ -376,7 +376,12 @@ def test_bad_correlations():
     ({"nsim": 2.5}, "nsim must be an integer"),
     ({"seed": -1}, "seed must be a non-negative integer"),
     ({"level": 1.5}, r"level must be a number in \(0, 1\)"),
-    ({"interval": "profile"}, "interval is 'auto', 'wald' or 'posterior'"),
+    ({"interval": "profil"}, "interval is 'auto', 'wald', 'profile' or 'posterior', not 'profil'. Did you mean "
+                             "'profile'"),
+    ({"methods": ("laplace", "agq:5", "fast"), "interval": "profile"},
+     r"interval='profile' is not available for method\(s\) 'agq:5' \(offers wald\), 'fast' \(offers wald\); "
+     "methods of a binomial model that offer it: laplace"),
+    ({"methods": ("is", "nuts"), "interval": "profile"}, r"'is' \(offers wald\), 'nuts' \(offers posterior, wald\)"),
     ({"interval": "posterior"}, "not available for method"),
     ({"n_jobs": 0}, "n_jobs must be a positive integer"),
     ({"client": "tcp://127.0.0.1:8786"}, "client must be a dask.distributed.Client"),
@@ -494,7 +499,70 @@ def test_nuts_row_reports_posterior_means_sds_and_quantiles():
     # sampler warnings (R-hat, ESS, ...) count as non-convergence and are kept
     assert bool(nuts["converged"].iloc[0]) == (nuts["warnings"].iloc[0] == "")
     assert d.shape == (120, 2)
-    with pytest.raises(StudyInputError, match="'posterior' is not available for method.*'laplace' \\(offers wald\\)"):
+    with pytest.raises(StudyInputError, match="'posterior' is not available for method.*'laplace' \\(offers wald, profile\\); "
+                       "methods of a binomial model that offer it: nuts"):
         _run(n_jobs=1, nsim=1, methods=("laplace", "nuts"), interval="posterior")
     with pytest.raises(StudyInputError, match="settings from method_options"):
         _run(n_jobs=1, nsim=1, methods=("nuts:500",))
+
+
+# ------------------------------------------------------------------------------------------------
+# interval="profile": profile-likelihood intervals per replicate (fit.confint(method="profile"))
+# ------------------------------------------------------------------------------------------------
+def test_profile_intervals_are_the_fits_own_profile_intervals():
+    """Each replicate's profile interval is exactly fit.confint(method="profile") of that replicate
+    refitted alone: β, the SDs, the correlation (lme4's cor_b.a row) and σ; REML is profiled on the
+    ML deviance (lme4's refitML), so its intervals are ML's."""
+    from stochmm.stochastic.accuracy_methods import methods_offering
+
+    assert methods_offering("profile", "gaussian") == ["REML", "ML"]
+    assert methods_offering("profile", "poisson") == ["laplace"]
+    rng = np.random.default_rng(7)
+    d = pd.DataFrame({"g": np.repeat(np.arange(12), 6), "x": np.tile(np.linspace(-1, 1, 6), 12)})
+    d["z"] = rng.standard_normal(len(d))
+    truth = {"beta": [1.0, 0.5, -0.3], "sd(g)": 1.0, "sd(g:x)": 0.5, "cor(g:(Intercept),x)": 0.3, "sigma": 0.5}
+    st = sm.accuracy_study("y ~ x + z + (x | g)", d, truth, methods=("REML", "ML"), nsim=2, seed=11,
+                           interval="profile", n_jobs=1, progress=False)
+    assert st.interval == "profile" and not st.replicates["failed"].any()
+    tp = truth_to_parameters(st.model, truth)
+    mi = st.model.with_response(replicate_response(st.model, tp, 11, 1))
+    prof_names = {"(Intercept)": "(Intercept)", "x": "x", "z": "z", "sd(g)": "sd_(Intercept)|g",
+                  "sd(g:x)": "sd_x|g", "cor(g:(Intercept),x)": "cor_x.(Intercept)|g", "sigma": "sigma"}
+    r = st.replicates[st.replicates["replicate"] == 1]
+    for method in ("REML", "ML"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit = mi.fit(method=method)
+            ci = fit.confint(method="profile")
+        got = r[r["method"] == method].set_index("parameter")
+        assert list(got.index) == list(prof_names)
+        want = ci.loc[list(prof_names.values())].to_numpy()
+        np.testing.assert_allclose(got[["lower", "upper"]].to_numpy(), want, rtol=1e-9)
+        np.testing.assert_allclose(got["estimate"].iloc[:3], fit.fixef, rtol=1e-9)  # estimates: the fit's
+    ml, reml = (r[r["method"] == m][["lower", "upper"]].to_numpy() for m in ("ML", "REML"))
+    np.testing.assert_allclose(reml, ml, rtol=1e-6)
+
+
+def test_profile_coverage_within_monte_carlo_error():
+    """Poisson, 30 clusters of 8 (Laplace is accurate there): the profile intervals of the intercept,
+    the slope and the SD cover at the nominal 95 % within 3 Monte Carlo SEs (3·√(0.95·0.05/n))."""
+    d = pd.DataFrame({"g": np.repeat(np.arange(30), 8), "x": np.tile(np.linspace(-1, 1, 8), 30)})
+    st = sm.accuracy_study("y ~ x + (1 | g)", d, {"beta": [1.0, 0.5], "sd(g)": 0.7}, family="poisson",
+                           methods=("laplace",), nsim=120, seed=20261202, interval="profile", n_jobs=1,
+                           progress=False)
+    for par in ("(Intercept)", "x", "sd(g)"):
+        s = row(st.summary, "laplace", par)
+        assert s["n_cov"] == 120
+        assert abs(s["coverage"] - 0.95) <= 3 * np.sqrt(0.95 * 0.05 / 120), (par, s["coverage"])
+    r = st.replicates
+    assert (r["lower"] < r["estimate"]).all() and (r["estimate"] < r["upper"]).all()
+
+
+def test_a_failed_profile_is_recorded_and_the_study_goes_on():
+    # nagq=3 through method_options: the Laplace row's fits are AGQ fits, which cannot be profiled
+    st = _run(methods=("laplace",), nsim=2, n_jobs=1, interval="profile", method_options={"laplace": {"nagq": 3}})
+    r = st.replicates
+    assert r["failed"].all() and len(r) == 2 * 3
+    assert r["error"].str.contains("profile likelihood interval failed: ValueError: profiling is available for "
+                                   "Laplace GLMM fits").all()
+    assert (st.summary["fail_rate"] == 1.0).all()
