@@ -1,21 +1,11 @@
 """compare_likelihoods (one-scale table, profile mode) and the approximation audit of a fit."""
 
 import numpy as np
-import pandas as pd
 import pytest
 
 import stochmm as sm
 
 CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
-
-
-def small_cluster_model(ncl=200, sd=3.0, seed=11):
-    rng = np.random.default_rng(seed)
-    size = rng.integers(2, 4, ncl)
-    g = np.repeat(np.arange(ncl), size)
-    df = pd.DataFrame({"g": pd.Categorical(g), "x": rng.standard_normal(g.size), "y": 0.0})
-    m = sm.Model("y ~ x + (1 | g)", df, family="binomial")
-    return m.with_response(m.simulate([-0.5, 1.0], [sd], seed=seed)[:, 0])
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +72,7 @@ def test_check_approximation_cbpp_is_fine(cbpp_fit):
     assert "OK: no flag" in text and "herd.(Intercept)" in text
 
 
-def test_check_approximation_flags_small_clusters():
+def test_check_approximation_flags_small_clusters(small_cluster_model):
     fit = small_cluster_model().fit()
     chk = fit.check_approximation(draws=4000, seed=1)
     assert not chk.ok

@@ -16,24 +16,14 @@ from stochmm.stochastic.importance import ImportanceWarning, LogLik, importance_
 CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
 
 
-def small_cluster_model(ncl=300, sd=3.0, seed=11):
-    """Binary GLMM, clusters of 2-3 observations, random-intercept SD 3: Laplace is far off here."""
-    rng = np.random.default_rng(seed)
-    size = rng.integers(2, 4, ncl)
-    g = np.repeat(np.arange(ncl), size)
-    df = pd.DataFrame({"g": pd.Categorical(g), "x": rng.standard_normal(g.size), "y": 0.0})
-    m = sm.Model("y ~ x + (1 | g)", df, family="binomial")
-    return m.with_response(m.simulate([-0.5, 1.0], [sd], seed=seed)[:, 0])
-
-
 @pytest.fixture(scope="module")
 def cbpp_agq25():
     return sm.glmer(CBPP, sm.datasets.load("cbpp"), nagq=25)
 
 
 @pytest.fixture(scope="module")
-def small_agq25():
-    return small_cluster_model().fit(method="agq", nagq=25)
+def small_agq25(small_cluster_model):
+    return small_cluster_model(ncl=300).fit(method="agq", nagq=25)
 
 
 def test_lmm_is_equals_exact_sleepstudy():

@@ -1,7 +1,6 @@
 """Monte Carlo maximum likelihood (Model.fit(method="is")) against the AGQ-25 MLE, and its MC error."""
 
 import numpy as np
-import pandas as pd
 import pytest
 
 import stochmm as sm
@@ -10,21 +9,12 @@ from stochmm.deterministic.glmm import GlmmResults
 CBPP = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
 
 
-def small_cluster_model(ncl=200, sd=3.0, seed=11):
-    rng = np.random.default_rng(seed)
-    size = rng.integers(2, 4, ncl)
-    g = np.repeat(np.arange(ncl), size)
-    df = pd.DataFrame({"g": pd.Categorical(g), "x": rng.standard_normal(g.size), "y": 0.0})
-    m = sm.Model("y ~ x + (1 | g)", df, family="binomial")
-    return m.with_response(m.simulate([-0.5, 1.0], [sd], seed=seed)[:, 0])
-
-
 def _phi(fit):
     return np.concatenate([fit.theta, fit._beta])
 
 
 @pytest.mark.parametrize("which", ["cbpp", "small clusters"])
-def test_mcml_equals_agq25_mle_within_mc_error(which):
+def test_mcml_equals_agq25_mle_within_mc_error(which, small_cluster_model):
     if which == "cbpp":
         m = sm.Model(CBPP, sm.datasets.load("cbpp"), family="binomial")
     else:
