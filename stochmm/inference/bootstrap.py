@@ -99,8 +99,9 @@ class _DenseDeviance:
         self.Xty = self.Xw.T @ yc
         self.yty = float(yc @ yc)
 
-    def parts(self, theta: np.ndarray):
-        from scipy.linalg.lapack import dpotrf, dtrtrs
+    def _factor(self, theta: np.ndarray):
+        """(Λ(θ), Λ'Z'Z, L) with LL' = Λ'Z'ZΛ + I, or None where the factorization fails."""
+        from scipy.linalg.lapack import dpotrf
 
         q = self.q
         Lam = np.zeros((q, q))
@@ -109,8 +110,15 @@ class _DenseDeviance:
         M = LtA @ Lam
         M[np.diag_indices(q)] += 1.0
         L, info = dpotrf(M, lower=1, clean=1, overwrite_a=1)
-        if info:
+        return None if info else (Lam, LtA, L)
+
+    def parts(self, theta: np.ndarray):
+        from scipy.linalg.lapack import dpotrf, dtrtrs
+
+        fac = self._factor(theta)
+        if fac is None:
             return None
+        Lam, _, L = fac
         rzx, _ = dtrtrs(L, Lam.T @ self.ZtX, lower=1)
         cu, _ = dtrtrs(L, Lam.T @ self.Zty, lower=1)
         XVX = self.XtX - rzx.T @ rzx
@@ -140,15 +148,10 @@ class _DenseDeviance:
 
         self.nfev += 1
         theta = np.asarray(theta, dtype=float)
-        q = self.q
-        Lam = np.zeros((q, q))
-        Lam[self.rows, self.cols] = theta[self.idx]
-        LtA = Lam.T @ self.ZtZ
-        M = LtA @ Lam
-        M[np.diag_indices(q)] += 1.0
-        L, info = dpotrf(M, lower=1, clean=1, overwrite_a=1)
-        if info:
+        fac = self._factor(theta)
+        if fac is None:
             return np.inf, np.zeros_like(theta)
+        Lam, LtA, L = fac
         W1, _ = dtrtrs(L, LtA, lower=1)
         rzx, _ = dtrtrs(L, Lam.T @ self.ZtX, lower=1)
         cu, _ = dtrtrs(L, Lam.T @ self.Zty, lower=1)
