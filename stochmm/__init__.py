@@ -14,9 +14,13 @@ Examples
 
 from __future__ import annotations
 
-from . import api, datasets
-from .builder.model import Model
-from .errors import (
+from ._hostdevices import set_host_devices
+
+set_host_devices()  # an environment variable only (parallel NUTS chains); JAX is not imported here
+
+from . import api, datasets  # noqa: E402
+from .builder.model import Model  # noqa: E402
+from .errors import (  # noqa: E402
     ConvergenceWarning,
     DataError,
     DesignError,

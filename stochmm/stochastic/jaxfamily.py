@@ -23,7 +23,9 @@ from typing import Any
 
 import jax
 
-jax.config.update("jax_enable_x64", True)
+from ._jax import configure
+
+configure()  # float64, persistent compilation cache
 
 import jax.numpy as jnp  # noqa: E402
 from jax.scipy.special import log_ndtr  # noqa: E402

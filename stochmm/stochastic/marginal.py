@@ -55,7 +55,9 @@ from typing import Any
 
 import jax
 
-jax.config.update("jax_enable_x64", True)
+from ._jax import configure
+
+configure()  # float64, persistent compilation cache
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
