@@ -939,6 +939,11 @@ def _postprocess(dens: _Density, want_ll: bool, want_pp: bool):
     return one
 
 
+def _draw_keys(seed: int, C: int, N: int) -> np.ndarray:
+    """One PRNG key per (chain, draw) for what is drawn after sampling (b under marginal NUTS, replicates)."""
+    return np.asarray(jax.random.split(jax.random.PRNGKey(seed + 7919), C * N)).reshape(C, N, -1)
+
+
 class PosteriorResults:
     """Posterior of a mixed model: the ML results vocabulary, with draws behind every number.
 
@@ -989,8 +994,9 @@ class PosteriorResults:
         want_ll = log_likelihood if log_likelihood is not None else (model.n * C * N <= 2.5e7 and dens.clones == 1)
         want_ll = bool(want_ll and group == "posterior" and model.terms)
         want_pp = bool(posterior_predictive and model.terms)
+        self._samples = samples  # unconstrained draws (the MCMC object holds them too)
         tree = dict(samples)
-        tree["_key"] = np.asarray(jax.random.split(jax.random.PRNGKey(seed + 7919), C * N)).reshape(C, N, -1)
+        tree["_key"] = _draw_keys(seed, C, N)
         per_draw = model.n * (int(want_ll) + int(want_pp)) + model.q  # numbers each draw produces
         cons = _flat_map(_postprocess(dens, want_ll, want_pp), tree, chunk=max(8, min(1024, int(2e7 // per_draw))))
         self._draws = {k: v for k, v in cons.items() if k not in ("ll", "yrep")}
@@ -1188,6 +1194,36 @@ class PosteriorResults:
                     eta = eta + contrib
         out = eta if type == "link" else np.asarray(_linkinv(self._dens.d.kind, jnp.asarray(eta)))
         return out.mean(axis=0) if summary else out
+
+    def posterior_predictive(self) -> Any:
+        """posterior_predictive() -> xarray.Dataset
+
+        The posterior predictive distribution: one replicated response per posterior draw, on the scale of
+        the observed response (counts for ``cbind`` binomials, proportions for proportion responses), drawn
+        with the random effects of that draw. Adds the ``posterior_predictive`` group to :attr:`idata` (for
+        ``az.plot_ppc``) the first time and returns it; later calls return the same group. Reproducible: the
+        keys follow from the ``seed`` of :func:`sample_model`, as with ``posterior_predictive=True``.
+
+        Examples
+        --------
+        >>> post = sm.sample(..., posterior_predictive=False)  # doctest: +SKIP
+        >>> post.posterior_predictive()["y"].shape  # doctest: +SKIP
+        (4, 1000, 56)
+        """
+        from .idata import add_group, group_dataset, group_names
+
+        name = f"{self.group}_predictive"
+        if name not in group_names(self.idata):
+            if not self.model.terms:
+                raise SamplingError("posterior_predictive needs a model with random effects")
+            C, N = self.nchains, self.ndraws
+            tree = dict(self._samples)
+            tree["_key"] = _draw_keys(self.seed, C, N)
+            cons = _flat_map(_postprocess(self._dens, False, True), tree,
+                             chunk=max(8, min(1024, int(2e7 // (self.model.n + self.model.q)))))
+            self.idata = add_group(self.idata, name, {"y": cons["yrep"]}, coords={"obs": np.arange(self.model.n)},
+                                   dims={"y": ["obs"]})
+        return group_dataset(self.idata, name)
 
     # -- tables ----------------------------------------------------------------------------------
     def summary_table(self) -> pd.DataFrame:

@@ -263,6 +263,26 @@ def test_models_run(formula, family, kw):
     assert ll.shape == (2, 60, post.model.n) and np.all(np.isfinite(ll))
 
 
+def test_posterior_predictive_method(cbpp, cbpp_marginal):
+    """The method equals the flag (same keys), and replicated counts have the model's mean: the binomial noise
+    given each draw is independent, so mean(y_rep) - mean(size·μ) has a known MC standard error."""
+    pp = cbpp_marginal.posterior_predictive()["y"].values
+    size = cbpp["size"].to_numpy()
+    C, N, n = pp.shape
+    assert (C, N, n) == (4, 1000, 56) and np.all(pp >= 0) and np.all(pp <= size) and np.all(pp == np.round(pp))
+    assert "posterior_predictive" in group_names(cbpp_marginal.idata)
+    assert np.array_equal(cbpp_marginal.posterior_predictive()["y"].values, pp)  # drawn once
+    mu = cbpp_marginal.predict(summary=False)  # (draws, n), response scale
+    diff = pp.reshape(C * N, n).mean() - (size * mu).mean()
+    se = np.sqrt(np.mean(size * mu * (1 - mu)) / (C * N * n))
+    assert abs(diff) < 4 * se, (diff, se)
+    m = sm.Model(CBPP, cbpp, family="binomial")
+    a = m.sample(**SHORT, posterior_predictive=True)
+    b = m.sample(**SHORT)
+    assert np.array_equal(group_dataset(a.idata, "posterior_predictive")["y"].values,
+                          b.posterior_predictive()["y"].values)
+
+
 def test_model_sample_reproducible_and_warns(cbpp):
     before = cbpp.copy()
     m = sm.Model(CBPP, cbpp, family="binomial")

@@ -35,6 +35,14 @@ def test_sbc_marginal_nuts_lmm():
     assert res.uniform(0.01), res.table
 
 
+@pytest.mark.slow
+def test_sbc_marginal_nuts_glmm():
+    """Marginal NUTS on a binary GLMM: adaptive Gauss-Hermite marginal likelihood, b drawn given each draw."""
+    res = sbc(sm.Model("yb ~ x + (1 | g)", _design(), family="binomial"), reps=60, bins=5, seed=4,
+              marginalize=True)
+    assert res.uniform(0.01), res.table
+
+
 def test_sbc_arguments():
     from stochmm.stochastic.posterior import SamplingError
 
