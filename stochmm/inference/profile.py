@@ -445,6 +445,8 @@ def profile(fit: Any, which: Any = None, level: float = 0.95, delta: float | Non
     Parameters
     ----------
     fit : LmmResults or GlmmResults
+        A GLMM is profiled on its own objective: Laplace, AGQ with its nAGQ and rule (as
+        lme4), or the nAGQ = 0 criterion (which lme4 cannot profile; a note says so).
     which : str or list of str, optional
         Parameters to profile, by name (``"sd_(Intercept)|Subject"``, ``"sigma"``,
         ``"Days"``), lme4's old names (``".sig01"``, ``".sigma"``) or ``"theta_"``
