@@ -61,6 +61,27 @@ out$profile <- lapply(prof, function(fit) {
        lower = unname(ci[, 1]), upper = unname(ci[, 2]))
 })
 
+# GLMM profiles with the fit's nAGQ: lme4 1.1-31 profiles an nAGQ > 1 fit on its AGQ deviance (getME(fit,
+# "devfun") keeps the fit's nAGQ); it cannot profile an nAGQ = 0 fit (its devfun takes theta alone and
+# profile.merMod passes (theta, beta)): the error message is recorded.
+cbpp <- lme4::cbpp
+glmm_prof <- list(
+  cbpp_agq25 = glmer(cbind(incidence, size - incidence) ~ period + (1 | herd), cbpp, binomial, nAGQ = 25),
+  cbpp_poisson_agq9 = glmer(incidence ~ period + offset(log(size)) + (1 | herd), cbpp, poisson, nAGQ = 9)
+)
+for (nm in names(glmm_prof)) {
+  fit <- glmm_prof[[nm]]
+  t0 <- proc.time()[["elapsed"]]
+  ci <- suppressWarnings(confint(fit, method = "profile", level = 0.95))
+  out$profile[[nm]] <- list(elapsed_s = proc.time()[["elapsed"]] - t0, names = rownames(ci),
+                            lower = unname(ci[, 1]), upper = unname(ci[, 2]), nAGQ = fit@devcomp$dims[["nAGQ"]],
+                            theta = unname(getME(fit, "theta")), fixef = unname(fixef(fit)))
+}
+g0 <- glmer(cbind(incidence, size - incidence) ~ period + (1 | herd), cbpp, binomial, nAGQ = 0)
+out$profile_glmm_nagq0 <- list(
+  lme4_error = tryCatch({ suppressMessages(confint(g0, method = "profile")); "none" },
+                        error = function(e) conditionMessage(e)))
+
 # hat values, Cook's distance, rePCA
 diag_fits <- list(
   dyestuff_REML = lme4::lmer(Yield ~ 1 + (1 | Batch), lme4::Dyestuff),

@@ -76,6 +76,8 @@ class GlmmResults(MixedModelResults):
         The objective on lme4's printed scale (nAGQ > 1: without the saturated term).
     vcov_source : str
         ``"hessian"`` (default for nAGQ ≥ 1) or ``"RX"``.
+    hessian_kind : str
+        The ``hessian=`` the fit used: ``"observed"`` or ``"expected"`` information.
     timing : dict
         Seconds and counts: total, per stage, PIRLS iterations, objective and gradient evaluations.
 
@@ -94,6 +96,7 @@ class GlmmResults(MixedModelResults):
         self.nagq = int(nagq)
         self.rule = rule
         self.vcov_source = vcov_source
+        self.hessian_kind = "observed"
         self.saturated_loglik = float(family.saturated_loglik(self.model))
         self.timing: dict[str, Any] = {}
         self.derivs: dict | None = None
@@ -276,7 +279,7 @@ def fit_glmm(model: Model, method: str | None = "laplace", *, nagq: int | None =
              rule: str = "tensor", max_nodes: int = 10_000, check_derivatives: bool | None = None,
              condvar: bool = True, engine: str = "auto", tol: float = 1e-5, maxiter: int = 500,
              fd: str = "forward", threads: int | str | None = "auto", keep_log: bool = False,
-             **aliases: Any) -> GlmmResults:
+             stage1: bool = True, vcov: str = "hessian", **aliases: Any) -> GlmmResults:
     """fit_glmm(model, method="laplace", *, nagq=None, link=None, start=None, optimizer="newton", ...) -> GlmmResults
 
     Fit a GLMM built by :class:`~stochmm.builder.model.Model` by maximum likelihood.
@@ -324,6 +327,14 @@ def fit_glmm(model: Model, method: str | None = "laplace", *, nagq: int | None =
         blocks are small (thread hand-off dominates there), None leaves the setting alone.
     keep_log : bool
         Keep every objective evaluation in ``optsum.fitlog``.
+    stage1 : bool
+        Run the nAGQ = 0 first stage (nAGQ ≥ 1). ``False`` needs a full start
+        ``{"theta": ..., "beta": ...}`` and starts the (θ, β) search there: for refits
+        from a converged neighbour (bootstrap replicates, simulation studies).
+    vcov : {"hessian", "RX"}
+        Standard errors from the finite-difference Hessian of the deviance (nAGQ ≥ 1,
+        lme4's default) or from R_X at the estimates (no Hessian is computed unless
+        ``check_derivatives=True``; nAGQ = 0 always uses R_X).
     **aliases
         ``nAGQ=`` (lme4's spelling) for ``nagq``. Any other name is refused
         (:class:`~stochmm.errors.OptionError`, listing the valid ones).
@@ -356,9 +367,11 @@ def fit_glmm(model: Model, method: str | None = "laplace", *, nagq: int | None =
     check_flag(check_derivatives, "check_derivatives", allow_none=True)
     check_flag(condvar, "condvar")
     check_flag(keep_log, "keep_log")
+    check_flag(stage1, "stage1")
     for name, value, choices in (("optimizer", optimizer, ("newton", "lbfgs", "bobyqa")),
                                  ("hessian", hessian, ("observed", "expected")), ("rule", rule, ("tensor", "sparse")),
-                                 ("engine", engine, ("auto", "blocked", "level")), ("fd", fd, ("forward", "central"))):
+                                 ("engine", engine, ("auto", "blocked", "level")), ("fd", fd, ("forward", "central")),
+                                 ("vcov", vcov, ("hessian", "RX"))):
         check_choice(value, name, choices)
     for name, value in (("max_nodes", max_nodes), ("maxiter", maxiter)):
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -369,17 +382,24 @@ def fit_glmm(model: Model, method: str | None = "laplace", *, nagq: int | None =
                                                       and not isinstance(threads, bool) and threads >= 1)):
         raise OptionError(f"threads must be a positive integer, 'auto' or None, got {threads!r}")
     nq = _resolve_method(method, nagq)
+    if not stage1:
+        if nq == 0:
+            raise OptionError("stage1=False skips the nAGQ = 0 stage, which is the whole fit for nagq=0; "
+                              "give a start instead")
+        if not (isinstance(start, dict) and start.get("theta") is not None and start.get("beta") is not None):
+            raise OptionError('stage1=False needs a full start, start={"theta": ..., "beta": ...}')
     if threads == "auto":
         dense = model.q - model.terms[0].q + model.p + 1 if len(model.terms) > 1 else model.p + 1
         threads = 1 if dense <= 600 else None
     with blas_threads(threads if threads is None else int(threads)):
         return _fit(model, nq, t_start, link=link, start=start, optimizer=optimizer, hessian=hessian, rule=rule,
                     max_nodes=max_nodes, check_derivatives=check_derivatives, condvar=condvar, engine=engine,
-                    tol=tol, maxiter=maxiter, fd=fd, keep_log=keep_log)
+                    tol=tol, maxiter=maxiter, fd=fd, keep_log=keep_log, stage1=stage1, vcov_kind=vcov)
 
 
 def _fit(model: Model, nq: int, t_start: float, *, link, start, optimizer, hessian, rule, max_nodes,
-         check_derivatives, condvar, engine, tol, maxiter, fd, keep_log) -> GlmmResults:
+         check_derivatives, condvar, engine, tol, maxiter, fd, keep_log, stage1=True,
+         vcov_kind="hessian") -> GlmmResults:
     family = get_family(model.family, link)
     if family.name != model.family_name:
         raise FamilyError(f"family {family.name!r} does not match the model's family {model.family_name!r}")
@@ -407,13 +427,15 @@ def _fit(model: Model, nq: int, t_start: float, *, link, start, optimizer, hessi
     lower = np.asarray(model.lower, dtype=float)
     theta_start, beta_start = _parse_start(start, model)
     if check_derivatives is None:
-        check_derivatives = nq >= 1
+        check_derivatives = nq >= 1 and vcov_kind == "hessian"
 
     # ---------------------------------------------------------------- stage 1: nAGQ = 0
     t1 = time.perf_counter()
     final = nq == 0
     scalar = all(t.k == 1 for t in model.terms)
-    if optimizer == "newton" and scalar:
+    if not stage1:  # full start: one joint PIRLS for R_X (β's scaling in stage 2), no search
+        s1 = None
+    elif optimizer == "newton" and scalar:
         s1 = _stage1_newton(eng.fast_grad, theta_start, lower, model, final, keep_log)
     elif optimizer == "newton":  # vector-valued terms: θ scale (sign symmetries make log-θ steps unsafe)
         s1 = _minimize_theta(eng.fast_grad, theta_start, lower, model.theta_names,
@@ -425,9 +447,9 @@ def _fit(model: Model, nq: int, t_start: float, *, link, start, optimizer, hessi
         opt_kw = dict(ftol_rel=1e-12 if final else 1e-10, ftol_abs=1e-10 if final else 1e-7,
                       xtol_abs=1e-8 if final else 1e-5)
         s1 = minimize_bounded(eng.fast, theta_start, lower, names=model.theta_names, keep_log=keep_log, **opt_kw)
-    theta0 = s1.xfinal.copy()
+    theta0 = s1.xfinal.copy() if s1 is not None else theta_start.copy()
     near = np.isfinite(lower) & (theta0 - lower < 1e-7) & (theta0 != lower)
-    if near.any():
+    if near.any() and s1 is not None:
         trial = theta0.copy()
         trial[near] = lower[near]
         ft = eng.fast(trial)
@@ -527,10 +549,11 @@ def _fit(model: Model, nq: int, t_start: float, *, link, start, optimizer, hessi
         t3 = time.perf_counter()
         objective, g = vg(phi)
         u = memo[phi.tobytes()][2]
-        derivs, H = _hessian(vg, phi, g, lower_phi, fd)
+        derivs, H = (_hessian(vg, phi, g, lower_phi, fd) if vcov_kind == "hessian" or check_derivatives
+                     else (None, None))
         vsrc = "hessian"
         vcov = None
-        if H is not None and p:
+        if H is not None and p and vcov_kind == "hessian":
             free = derivs["free"]
             try:
                 np.linalg.cholesky(H)
@@ -544,7 +567,7 @@ def _fit(model: Model, nq: int, t_start: float, *, link, start, optimizer, hessi
             if p:
                 vcov = eng.rx_vcov(theta, beta)
                 vsrc = "RX"
-                if H is not None:
+                if H is not None and vcov_kind == "hessian":
                     msg = ("variance-covariance matrix computed from the finite-difference Hessian is not positive "
                            "definite: falling back to the one estimated from RX")
                     warnings.warn(msg, ConvergenceWarning, stacklevel=3)
@@ -563,6 +586,7 @@ def _fit(model: Model, nq: int, t_start: float, *, link, start, optimizer, hessi
                       loglik=-objective / 2.0, df=df, dispersion=False, family=family, nagq=nq, rule=qrule,
                       vcov_source=vsrc)
     res.engine = eng
+    res.hessian_kind = hessian
     if check_derivatives:
         check_convergence(res, derivs)
     if nq > 0:  # PIRLS at the estimates (also leaves the engine there for the conditional variances)

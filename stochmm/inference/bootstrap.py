@@ -341,6 +341,7 @@ class _Refitter:
             try:
                 f = fit_glmm(m, method=self.p["method"], nagq=self.p["nagq"],
                              start={"theta": self.p["theta"], "beta": self.p["beta"]},
+                             hessian=self.p.get("hessian", "observed"), stage1=False, vcov="RX",
                              check_derivatives=False, condvar=False, threads=None)
             except Exception:  # a replicate the optimiser cannot fit: recorded as not converged
                 k = len(self.p["beta"]) + len(self.p["theta"])
@@ -538,6 +539,7 @@ def _payload(fit: Any, kind: str, resample: tuple[str, ...] | None) -> dict:
           "sigma": float(fit.sigma), "reml": bool(getattr(fit, "reml", False)), "resample": resample}
     if m.family_name != "gaussian":
         pl["family"] = fit.family
+        pl["hessian"] = getattr(fit, "hessian_kind", "observed")
         pl["nagq"] = int(fit.nagq)
         pl["method"] = "fast" if fit.nagq == 0 else ("laplace" if fit.nagq == 1 else "agq")
         pl["se"] = np.maximum(np.sqrt(np.diag(fit._vcov)), 1e-8)

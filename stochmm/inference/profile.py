@@ -12,10 +12,12 @@ from its neighbour, steps chosen so that ζ moves by about 1/8 of the cutoff), a
 the interval endpoints are the exact roots of ζ(ψ) = ±z (Brent's method on the
 profile), not an interpolation. As lme4 does, REML fits are profiled on the ML
 deviance (``refitML``); LMMs profile σ and the SDs jointly with β profiled out,
-fixed effects by an offset with θ re-optimised; GLMMs (Laplace / nAGQ = 0 and
-AGQ deviance) optimise over (θ, β) with the exact gradient of the deviance where
-θ is the SD (scalar terms). An SD whose profile stays below the cutoff down to 0
-gets the lower endpoint 0 (lme4's boundary rule; correlations ±1), with a note.
+fixed effects by an offset with θ re-optimised. GLMMs are profiled on the fit's own
+objective: the Laplace deviance (nAGQ = 1) or the AGQ deviance with the fit's nAGQ and rule
+(as lme4's ``profile``), optimised over (θ, β) with its exact gradient where θ is the SD
+(scalar terms); nAGQ = 0 fits, which lme4 1.1-31 cannot profile, on the nAGQ = 0 criterion
+(a function of θ alone; β_j fixed through the offset). An SD whose profile stays below the
+cutoff down to 0 gets the lower endpoint 0 (lme4's boundary rule; correlations ±1), with a note.
 """
 
 from __future__ import annotations
@@ -289,37 +291,106 @@ class _ZetaBetaLmm:
         return float(np.sign(v - self.est) * np.sqrt(dd))
 
 
-class _ZetaGlmm:
-    """ζ of one component of φ = (SDs/correlations, β) of a GLMM; L-BFGS-B with the exact gradient
-    when every term is scalar (θ = SD), BOBYQA otherwise."""
+class _GlmmDev:
+    """The GLMM fit's own objective on the profile scale φ = (SDs/correlations, β), with exact gradients.
 
-    def __init__(self, eng, model, i: int, phi_hat: np.ndarray, lower: np.ndarray, upper: np.ndarray,
-                 base: float, est: float, nt: int, scalar: bool, scale: np.ndarray) -> None:
-        self.eng, self.model, self.i, self.phi_hat = eng, model, i, phi_hat
+    ``nagq = 1``: the Laplace deviance; ``nagq > 1``: the AGQ deviance with the fit's rule (as lme4's
+    ``profile`` uses the fit's ``devfun`` with its nAGQ); ``nagq = 0``: lme4's nAGQ = 0 criterion, a
+    function of θ alone (β and u at their joint PIRLS modes) — for a profile of β_j, the same criterion
+    with β_j fixed through the offset (one engine per j, X without column j), as lme4 profiles the fixed
+    effects of an LMM."""
+
+    def __init__(self, fit: Any) -> None:
+        from ..deterministic.glmm import glmm_engine
+
+        self.fit, self.model, self.nq = fit, fit.model, int(fit.nagq)
+        self.hessian = getattr(fit, "hessian_kind", "observed")
+        self.eng = glmm_engine(self.model, fit.family, hessian=self.hessian)
+        self.nt = int(fit.theta.size)
+        self.scalar = all(t.k == 1 for t in self.model.terms)
+        self._beta_eng: dict[int, Any] = {}
+
+    def theta(self, vc: np.ndarray) -> np.ndarray | None:
+        return vc.copy() if self.scalar else _theta_from(self.model, vc, 1.0)
+
+    def base(self) -> float:
+        fit = self.fit
+        if self.nq == 0:
+            return float(self.eng.fast(fit.theta))
+        return float(self.value(np.concatenate([sd_cor(self.model, fit.theta, 1.0), fit._beta]), False)[0])
+
+    def value(self, phi: np.ndarray, grad: bool) -> tuple[float, np.ndarray | None]:
+        """Laplace / AGQ deviance at φ = (SDs/correlations, β)."""
+        from ..deterministic.quadrature import agq
+
+        nt = self.nt
+        theta = self.theta(phi[:nt])
+        if theta is None:
+            return np.inf, None
+        if self.nq == 1:
+            return self.eng.laplace(theta, phi[nt:], grad=grad)
+        return agq(self.eng, theta, phi[nt:], self.fit.rule, grad=grad)
+
+    def fast(self, vc: np.ndarray, grad: bool) -> tuple[float, np.ndarray | None]:
+        """nAGQ = 0 criterion at the SDs/correlations ``vc``."""
+        theta = self.theta(vc)
+        if theta is None:
+            return np.inf, None
+        if grad:
+            return self.eng.fast_grad(theta)
+        return self.eng.fast(theta), None
+
+    def fast_beta(self, j: int, phi: np.ndarray, grad: bool) -> tuple[float, np.ndarray | None]:
+        """nAGQ = 0 criterion with β_j = phi[-1] fixed, at the SDs/correlations phi[:-1]."""
+        import copy
+
+        from ..deterministic.glmm import glmm_engine
+
+        if j not in self._beta_eng:
+            m = copy.copy(self.model)
+            m.X = np.ascontiguousarray(np.delete(self.model.X, j, axis=1))
+            eng = glmm_engine(m, self.fit.family, hessian=self.hessian)
+            xj = self.model.X[:, j]
+            order = getattr(eng, "order", None)
+            self._beta_eng[j] = (eng, eng.off.copy(), xj[order] if order is not None else xj.copy())
+        eng, off0, xj = self._beta_eng[j]
+        eng.off = off0 + phi[-1] * xj
+        theta = self.theta(phi[:-1])
+        if theta is None:
+            return np.inf, None
+        if grad:
+            val, g = eng.fast_grad(theta)
+            return val, np.append(g, 0.0)
+        return eng.fast(theta), None
+
+
+class _ZetaGlmm:
+    """ζ of component ``i`` of a GLMM's profile vector φ; the other components minimise ``vg(φ, grad)``
+    (the fit's own objective) by L-BFGS on its exact gradient when every term is scalar (θ = SD), BOBYQA
+    otherwise. Each point is warm-started from its neighbour."""
+
+    def __init__(self, vg, i: int, phi_hat: np.ndarray, lower: np.ndarray, upper: np.ndarray,
+                 base: float, est: float, scalar: bool, scale: np.ndarray) -> None:
+        self.vg, self.i, self.phi_hat = vg, i, phi_hat
         self.free = np.arange(phi_hat.size) != i
         self.lower, self.upper = lower[self.free], upper[self.free]
-        self.base, self.est, self.nt, self.scalar = base, est, nt, scalar
+        self.base, self.est, self.scalar = base, est, scalar
         self.scale = scale[self.free]
         self.reset()
 
     def reset(self) -> None:
         self.x = self.phi_hat[self.free].copy()
 
-    def _vg(self, phi: np.ndarray, grad: bool):
-        nt = self.nt
-        theta = phi[:nt] if self.scalar else _theta_from(self.model, phi[:nt], 1.0)
-        if theta is None:
-            return np.inf, None
-        return self.eng.laplace(theta, phi[nt:], grad=grad)
-
     def __call__(self, v: float) -> float:
         phi = self.phi_hat.copy()
         phi[self.i] = v
         sc = self.scale
-        if self.scalar:
+        if not self.free.any():  # nothing left to optimise (one parameter, nAGQ = 0)
+            fmin = self.vg(phi, False)[0]
+        elif self.scalar:
             def fg(y):
                 phi[self.free] = y * sc
-                val, g = self._vg(phi, True)
+                val, g = self.vg(phi, True)
                 if not np.isfinite(val):
                     return 1e300, np.zeros_like(y)
                 return val, g[self.free] * sc
@@ -354,7 +425,7 @@ class _ZetaGlmm:
 
             def f(x):
                 phi[self.free] = x
-                return self._vg(phi, False)[0]
+                return self.vg(phi, False)[0]
 
             opt = minimize_bounded(f, self.x, self.lower, self.upper, initial_step=np.maximum(0.05 * sc, 1e-3),
                                    ftol_rel=1e-13, ftol_abs=1e-10, xtol_abs=1e-9)
@@ -374,6 +445,8 @@ def profile(fit: Any, which: Any = None, level: float = 0.95, delta: float | Non
     Parameters
     ----------
     fit : LmmResults or GlmmResults
+        A GLMM is profiled on its own objective: Laplace, AGQ with its nAGQ and rule (as
+        lme4), or the nAGQ = 0 criterion (which lme4 cannot profile; a note says so).
     which : str or list of str, optional
         Parameters to profile, by name (``"sd_(Intercept)|Subject"``, ``"sigma"``,
         ``"Days"``), lme4's old names (``".sig01"``, ``".sigma"``) or ``"theta_"``
@@ -428,17 +501,16 @@ def _profile(fit: Any, which: Any, level: float, delta: float | None) -> Profile
         base = min(fit.objective, dev.var(vc))
         est = np.concatenate([vc, fit._beta])
     else:
-        from ..deterministic.glmm import glmm_engine
-
-        eng = glmm_engine(model, fit.family, hessian=getattr(fit, "_hessian_kind", "observed"))
+        gdev = _GlmmDev(fit)
         vc = sd_cor(model, fit.theta, 1.0)
         est = np.concatenate([vc, fit._beta])
-        nt = vc.size
-        scalar = all(t.k == 1 for t in model.terms)
-        if fit.nagq != 1:
-            raise ValueError(f"profiling is available for Laplace GLMM fits (nagq=1); this fit has nagq={fit.nagq}: "
-                             "profile the Laplace fit (method='laplace') instead")
-        base = eng.laplace(fit.theta, fit._beta)[0]
+        base = gdev.base()
+        if fit.nagq == 0:
+            notes.append("nAGQ = 0 fit: profiled on its own criterion (the Laplace deviance at the joint PIRLS "
+                         "modes of β and u, a function of θ; β_j fixed through the offset); lme4 1.1-31 cannot "
+                         "profile nAGQ = 0 fits")
+        elif fit.nagq > 1:
+            notes.append(f"profiled on the adaptive Gauss-Hermite deviance (nAGQ = {fit.nagq}), as lme4 does")
     lower, upper = _bounds(model, names, lmm)
     # SDs and σ are in the units of y (σ̂ is their unit), correlations and β's steps (Wald SEs) scale-free
     unit = np.array([fit.sigma if lmm and not nm.startswith("cor_") else 1.0 for nm in names])
@@ -451,8 +523,16 @@ def _profile(fit: Any, which: Any, level: float, delta: float | None) -> Profile
             zf = _ZetaVar(dev.var, i, est[:nv], lower[:nv], upper[:nv], base, est[i], unit[:nv])
         elif lmm:
             zf = _ZetaBetaLmm(dev, i - nv, fit.theta, base, est[i])
+        elif fit.nagq > 0:
+            zf = _ZetaGlmm(gdev.value, i, est, lower, upper, base, est[i], gdev.scalar, se)
+        elif i < nv:  # nAGQ = 0: the criterion is a function of θ alone
+            zf = _ZetaGlmm(gdev.fast, i, est[:nv], lower[:nv], upper[:nv], base, est[i], gdev.scalar, se[:nv])
         else:
-            zf = _ZetaGlmm(eng, model, i, est, lower, upper, base, est[i], nt, scalar, se)
+            j = i - nv
+            sub = np.append(est[:nv], est[i])
+            zf = _ZetaGlmm(lambda phi, grad, j=j: gdev.fast_beta(j, phi, grad), nv, sub,
+                           np.append(lower[:nv], -np.inf), np.append(upper[:nv], np.inf), base, est[i],
+                           gdev.scalar, np.append(se[:nv], se[i]))
         step0 = delta * se[i]
         if i < nv and est[i] == 0 and lower[i] == 0:
             step0 = max(step0, 1e-3 * unit[i])
