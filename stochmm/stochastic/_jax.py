@@ -10,7 +10,7 @@ Persistent compilation cache
     repeated in every new Python process. Unless JAX already has a cache directory, the stochastic paths
     use one at ``$STOCHMM_JAX_CACHE``, else ``$XDG_CACHE_HOME/stochmm/jax`` (``~/.cache/stochmm/jax``), so a
     script re-run on the same model shapes loads the compiled sampler instead (measured in
-    ``benchmarks/bench_posterior.py``: cold and warm figures). Entries that compiled in under 0.5 s are not
+    ``benchmarks/bench_posterior.py``: cold and warm figures). Entries that compiled in under 0.1 s are not
     stored; with ``filelock`` installed (a dependency) the cache is locked across processes and kept under
     1 GiB, least recently used entries evicted first. ``STOCHMM_JAX_CACHE=0`` turns it off.
 """
@@ -54,7 +54,7 @@ def configure() -> None:
     except OSError:  # read-only home: no cache, nothing else changes
         return
     jax.config.update("jax_compilation_cache_dir", str(where))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     try:
         import filelock  # noqa: F401  (JAX needs it to lock and evict)
 

@@ -641,14 +641,15 @@ def sample_model(model: Model, *, priors: dict[str, Any] | None = None, draws: i
         error where it cannot apply), ``"laplace"`` approximates crossed GLMMs (labelled as an approximation).
         Which sampler ran is ``results.sampler``.
     chain_method : {"auto", "vectorized", "parallel", "sequential"}
-        ``"parallel"`` needs one JAX device per chain (``numpyro.set_host_device_count(chains)`` or
-        ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before JAX is imported); ``"auto"`` uses it when
-        the devices exist and vectorised chains otherwise. Measured on 2 CPU cores (cbpp, 4 x 2000 iterations,
-        fresh processes): vectorised 19.8 s, sequential 20.3 s for full NUTS; 40.7 s vs 34.9 s for marginal
-        NUTS (whose conditional draws of b dominate there) — within noise of a shared machine, so the default
-        stays vectorised (one compilation for all chains).
+        ``"parallel"`` runs one chain per JAX device. ``import stochmm`` asks XLA for max(CPU count, 4) host
+        devices when JAX is not yet imported (:mod:`stochmm.stochastic`; ``STOCHMM_HOST_DEVICES`` overrides),
+        so ``"auto"`` runs the default four chains in parallel; where the devices are missing (JAX imported
+        before stochmm) it vectorises the chains instead. Measured on 2 CPU cores (cbpp, 4 x 2000 iterations,
+        fresh processes, a shared machine): parallel 10.5 s vs vectorised 14.4 s, most of the difference the
+        compilation of the vectorised sampler (7 s vs 2.5 s); on VerbAgg parallel chains use both cores.
     posterior_predictive : bool
-        Add the ``posterior_predictive`` group (one replicated response per draw).
+        Add the ``posterior_predictive`` group (one replicated response per draw); or call
+        :meth:`PosteriorResults.posterior_predictive` later (the same draws).
     log_likelihood : bool, optional
         Add the pointwise ``log_likelihood`` group (for ``az.loo``/``az.waic``); default: when it holds at
         most 2.5e7 numbers.
