@@ -17,6 +17,26 @@ L̂ with the proposal fixed (L-BFGS-B on the exact gradient), then rebuild the p
 new modes with the *same* standardised base draws, until the estimates move by less than
 ``tol`` standard errors (normally 2–3 rounds) — so the final weights are centred at the estimate.
 
+**Crossed factors** (VerbAgg, where quadrature cannot go) need more than that: with the plain joint
+proposal the fixed-draw likelihood is dominated by a few draws and its maximiser is noise (on VerbAgg it
+was worse than the Laplace estimates). Here the objective (:class:`_NestedObjective`) is
+
+    L̂(φ) = (1/S) Σ_s ω_s Π_l Σ_j W_lsj f_l(y_l | u_lsj, v_s; φ) φ(u_lsj),
+
+with Gaussian outer draws v_s of the crossed effects (Laplace marginal, mean re-centred by pilot IS) and,
+given each v_s, adaptive Gauss–Hermite nodes u_lsj per level of the (scalar) first factor (``nodes``; a
+randomly shifted lattice for vector-valued effects) — the per-level integrals are then almost exact and
+only the low-dimensional v carries Monte Carlo noise (VerbAgg: ESS 78 % of the draws against 31 % with 8
+lattice draws per subject, measured at the Laplace estimates). All draws and nodes move with φ along the
+tangent dũ/dφ of the conditional mode (a shift of the proposal: without it a 1-SE move of an item-level
+fixed effect shifts the item effects' posterior by ~1.7 of its SDs in 8 dimensions and the weights
+degenerate). Rounds: proposal at φ_k, maximise L̂ inside a box of ±Δ SE, validate the step with FRESH
+draws (log L̂(φ_new) − log L̂(φ_k) with common fresh draws, and its MC SE), reject and halve Δ if it is
+significantly worse; draws grow from a quarter to all of ``draws``; stop (from half the draws on) when the
+validated gain is within 2 MC SE. A final Newton step on an objective with 2·nodes + 1 nodes removes the
+quadrature error of the cheaper rule. ``loglik_gain`` is log L(φ̂) − log L(start) from unbiased
+fresh lattice draws common to both points.
+
 Standard errors come from the Hessian of −2 log L̂ (finite differences of the exact gradient).
 The **Monte Carlo error of the estimates** is the sandwich of Sung & Geyer: with H the Hessian
 of −2 log L̂ and V the MC variance of its gradient at φ̂ (from the per-level self-normalised
@@ -37,8 +57,17 @@ import scipy.optimize as so
 from ..builder.families import get_family
 from ..deterministic.glmm import GlmmResults
 from ..errors import ConvergenceWarning
-from .importance import (_LOG2PI, _MAX_ELEMS, ImportanceWarning, _adapt_outer, _check_draws, _plan, _sobol_sets,
-                         _std_draws, importance_sample)
+from .importance import (
+    _LOG2PI,
+    _MAX_ELEMS,
+    ImportanceWarning,
+    _adapt_outer,
+    _check_draws,
+    _plan,
+    _sobol_sets,
+    _std_draws,
+    importance_sample,
+)
 
 __all__ = ["fit_is", "IsResults"]
 
@@ -49,8 +78,10 @@ class IsResults(GlmmResults):
     units of the estimates' standard errors), ``loglik_is`` (the importance-sampling log-likelihood at
     the estimates, a :class:`~stochmm.stochastic.importance.LogLik`), ``se_all`` (SEs of θ and β),
     ``vcov_theta``, ``rounds`` (the estimates after each proposal rebuild), ``loglik_start`` (the IS
-    log-likelihood at the starting estimates) and ``mcml_failed`` (True when the estimates' IS log-likelihood
-    is significantly below the start's: a warning says so)."""
+    log-likelihood at the starting estimates), ``loglik_gain`` (log L at the estimates minus at the start, with
+    its MC SE; crossed factors: from fresh draws common to both points), ``trust_rounds`` (crossed factors: each
+    round's draws, step, trust radius and fresh-draw validation), ``final_step`` (crossed: the final Newton
+    step in SEs) and ``mcml_failed`` (True when the gain is significantly negative: a warning says so)."""
 
     @property
     def method_title(self) -> str:
@@ -266,7 +297,7 @@ class _NestedObjective:
         x, w = np.polynomial.hermite_e.hermegauss(int(K))
         base0 = self.X @ beta + self.off
         a0 = np.zeros(n)
-        for j, (first, z, col) in enumerate(self.tmap):
+        for j, (first, z, _col) in enumerate(self.tmap):
             if first:
                 a0 = a0 + theta[j] * z
         mode = np.empty_like(ustart)
@@ -462,6 +493,10 @@ def fit_is(model: Any, method: str = "is", *, draws: int = 1000, seed: Any = Non
     tol : float
         Stop when no estimate moves by more than ``tol`` standard errors between rounds (or when the
         moves stop shrinking: the Monte Carlo noise floor, with a warning).
+    inner, nodes, adapt : int
+        Crossed factors only: lattice draws per level of the first factor in the final unbiased check of the
+        gain, adaptive Gauss–Hermite nodes per level in the fitting objective (the final Newton step uses
+        2·nodes + 1), and pilot rounds re-centring the crossed effects' proposal.
     eval_draws : int, optional
         Draws for the final importance-sampling log-likelihood at the estimates (independent
         of the fitting draws; default ``max(10 * draws, 10000)`` per level, or ``draws`` outer joint draws).
@@ -473,7 +508,9 @@ def fit_is(model: Any, method: str = "is", *, draws: int = 1000, seed: Any = Non
     IsResults
         The :class:`~stochmm.deterministic.glmm.GlmmResults` vocabulary with ``method="IS"``;
         ``objective`` is −2 × the importance-sampling log-likelihood at the estimates
-        (``loglik_is`` carries its MC SE and k̂), ``mc_se`` the Monte Carlo SE of each estimate.
+        (``loglik_is`` carries its MC SE and k̂), ``mc_se`` the Monte Carlo SE of each estimate,
+        ``loglik_gain`` the log-likelihood gain over the start (crossed: common fresh draws) with its MC SE,
+        ``trust_rounds`` (crossed) each round's step, trust radius and fresh-draw validation.
 
     Examples
     --------
@@ -565,7 +602,11 @@ def fit_is(model: Any, method: str = "is", *, draws: int = 1000, seed: Any = Non
         prop = _adapt_outer(eng, st_hat, plan, rng, _MAX_ELEMS, 8, int(adapt)) if adapt else None
         D_hat = _mode_tangent(eng, phi, lower)
         st_hat = eng.pirls(phi[:nt], phi[nt:])
+        # the final objective uses 2·nodes + 1 quadrature nodes per level: a Newton step on it removes the (smooth)
+        # quadrature error of the rounds' cheaper rule (measured: 0.2 SE in a subject SD of 3 with 5 nodes)
         obj = _NestedObjective(eng, st_hat, plan, int(nodes), rng, prop, rule="agq", phi_ref=phi, tangent=D_hat)
+        obj_fine = _NestedObjective(eng, st_hat, plan, 2 * int(nodes) + 1, rng, prop, rule="agq", phi_ref=phi,
+                                    tangent=D_hat)
     else:
         U, logq = _draws_at(eng, phi, plan, base, rng, joint)
         obj = _Objective(eng, U, logq, joint, plan)
@@ -574,6 +615,19 @@ def fit_is(model: Any, method: str = "is", *, draws: int = 1000, seed: Any = Non
     free = ~(np.isfinite(lower) & (phi - lower < 1e-6))
     fi = np.flatnonzero(free)
     Hf = H[np.ix_(fi, fi)]
+    phi_ref_hat = phi.copy()
+    final_step = None
+    if joint:  # one Newton step on the finer-rule objective (all draws), at most 1 SE per parameter; the Hessian
+        # (and the MC error below) from the cheaper rule, which differs from the finer one by a smooth shift only
+        try:
+            step = np.zeros(phi.size)
+            step[fi] = -np.linalg.solve(Hf, obj_fine.value_and_grad(phi)[1][fi])
+            phi = np.maximum(phi + np.clip(step, -scale, scale), lower)
+            final_step = (phi - phi_ref_hat) / scale
+            f_hat, g_hat, _ = obj_fine.value_and_grad(phi)
+            history.append(phi.copy())
+        except np.linalg.LinAlgError:
+            pass
     cov_full = np.full((phi.size, phi.size), np.nan)
     mc_cov = np.full((phi.size, phi.size), np.nan)
     try:
@@ -596,7 +650,7 @@ def fit_is(model: Any, method: str = "is", *, draws: int = 1000, seed: Any = Non
     gain = None
     if joint:  # log L(φ̂) − log L(start) with common fresh draws from the proposal at φ̂: a small MC SE
         ev_plan = _plan(int(ev), "normal", df, False, False, 16)
-        fresh = _NestedObjective(eng, st_hat, ev_plan, int(inner), rng, prop, phi_ref=phi,
+        fresh = _NestedObjective(eng, st_hat, ev_plan, int(inner), rng, prop, phi_ref=phi_ref_hat,
                                  tangent=D_hat)  # unbiased (lattice), fresh draws
         gain = fresh.log_ratio(phi, history[0])
     st = eng.pirls(phi[:nt], phi[nt:])
@@ -638,6 +692,7 @@ def fit_is(model: Any, method: str = "is", *, draws: int = 1000, seed: Any = Non
         warnings.warn(msg, ConvergenceWarning, stacklevel=3)
     res.loglik_start = ll_start
     res.trust_rounds = checks
+    res.final_step = None if final_step is None else pd.Series(final_step, index=names, name="final_step_se")
     if gain is not None:
         gap, gap_se = gain
     else:
@@ -688,7 +743,7 @@ def _fit_joint(eng, phi, lower, scale, draws, inner, adapt, proposal, df, rng, r
     checked with FRESH draws from the same proposal: log L̂(φ_new) − log L̂(φ_k) with common draws at both points
     and its MC SE. A step that is significantly worse is rejected and Δ halved; an accepted step on the box
     boundary doubles Δ. Draws grow over the rounds (a quarter, a half, then all of ``draws``): early rounds only
-    need the direction. Stops when, at full draws, the step is within ``tol`` SE or its validated gain is within
+    need the direction. Stops when, from half the draws on, the step is within ``tol`` SE or its validated gain is within
     twice its MC SE (the Monte Carlo noise floor)."""
     nt = eng.ntheta
     delta = 2.0
@@ -733,7 +788,7 @@ def _fit_joint(eng, phi, lower, scale, draws, inner, adapt, proposal, df, rng, r
         on_edge = move >= 0.99 * delta
         if on_edge:
             delta *= 2.0
-        elif S_r >= draws and (move < tol or gain < 2.0 * gse):
+        elif S_r >= draws // 2 and (move < tol or gain < 2.0 * gse):  # the final stage refines at full draws
             converged = True
             break
     return phi, history, moves, nfev, converged, status, pd.DataFrame(checks)

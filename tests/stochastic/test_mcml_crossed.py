@@ -48,3 +48,15 @@ def test_crossed_mcml_seeds_agree_within_mc_error(crossed):
     assert np.all(np.abs(p1 - p2) <= tol), pd.DataFrame({"seed1": p1, "seed2": p2, "tol": tol})
     # and the reported MC error is small against the sampling error
     assert np.nanmax(f1.mc_se_ratio.to_numpy()) < 0.25
+
+
+def test_check_approximation_reports_moves_on_crossed_fit(crossed):
+    _, lap, _ = crossed
+    chk = lap.check_approximation(draws=2000, seed=5, refit_draws=500)
+    assert chk.refit_method == "IS" and chk.estimates is not None
+    est = chk.estimates
+    # the subject SD moves beyond 0.1 SE plus twice the refit's own Monte Carlo error, and is flagged
+    row = est.loc["s.(Intercept)"]
+    assert row["change_se"] - 2.0 * row["mc_se_in_se"] > 0.1
+    assert any("estimates move" in f for f in chk.flags)
+    assert "change/SE" in str(chk)
