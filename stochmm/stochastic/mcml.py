@@ -239,6 +239,7 @@ class _NestedObjective:
             t = eng.terms[ti]
             col = eng.J[:, eng.slot_of[ti][c]]
             self.tmap.append((ti == 0, np.asarray(t.z[:, r], dtype=float), c if ti == 0 else col - q0))
+        self.ones = [bool(np.all(z == 1.0)) for _, z, _ in self.tmap]  # intercepts: no multiplication by z
         self.X, self.y, self.wt, self.off = eng.X, eng.y, eng.wt, eng.off
         self.nt, self.p = eng.ntheta, eng.p
         self.chunk = max(1, int(max_elems // max(1, n * M)))
@@ -356,18 +357,29 @@ class _NestedObjective:
             m = s1 - s0
             Ur = self.Ur[:, s0:s1] + dUr[:, None]
             U0 = self.U0[:, :, s0:s1, :] + dU0[:, :, None, None]
-            eta = np.broadcast_to(base[:, None, None], (n, m, M)).copy()
             rest_cols = []
             first_cols = []
+            eta_r = np.broadcast_to(base[:, None], (n, m)).copy()  # everything constant over the inner draws
+            for j, (first, z, col) in enumerate(self.tmap):
+                if not first:
+                    v = Ur[col] if self.ones[j] else z[:, None] * Ur[col]  # n × m
+                    eta_r += theta[j] * v
+                    rest_cols.append((j, v))
+            eta = None
             for j, (first, z, col) in enumerate(self.tmap):
                 if first:
-                    v = z[:, None, None] * U0[refs0, col]  # n × m × M
-                    eta += theta[j] * v
+                    v = U0[refs0, col]  # n × m × M (a gathered copy)
+                    if not self.ones[j]:
+                        v *= z[:, None, None]
+                    if eta is None:
+                        eta = v * theta[j]
+                    else:
+                        eta += theta[j] * v
                     first_cols.append((j, v))
-                else:
-                    v = z[:, None] * Ur[col]  # n × m
-                    eta += theta[j] * v[:, :, None]
-                    rest_cols.append((j, v))
+            if eta is None:
+                eta = np.repeat(eta_r[:, :, None], M, axis=2)
+            else:
+                eta += eta_r[:, :, None]
             if grad:
                 ll, d1 = fam.derivs(y[:, None, None], eta, wt[:, None, None], 1)
             else:

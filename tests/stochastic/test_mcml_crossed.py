@@ -15,6 +15,8 @@ import pytest
 
 import stochmm as sm
 
+crossed_data: dict = {}
+
 
 @pytest.fixture(scope="module")
 def crossed():
@@ -24,6 +26,7 @@ def crossed():
     df = pd.DataFrame({"s": pd.Categorical(s), "item": pd.Categorical(it), "x": rng.standard_normal(s.size), "y": 0.0})
     m = sm.Model("y ~ x + (1 | s) + (1 | item)", df, family="binomial")
     m = m.with_response(m.simulate([-0.5, 1.0], [3.0, 0.8], seed=3)[:, 0])
+    crossed_data["df"] = df.assign(y=m.y)
     lap = m.fit()
     fits = [m.fit(method="is", draws=500, seed=seed, start=lap) for seed in (1, 2)]
     return m, lap, fits
@@ -62,8 +65,10 @@ def test_check_approximation_reports_moves_on_crossed_fit(crossed):
     assert "change/SE" in str(chk)
 
 
-@pytest.mark.parametrize("rule", ["agq", "lattice"])
-def test_nested_objective_gradient_is_exact(crossed, rule):
+@pytest.mark.parametrize("rule, formula", [("agq", None), ("lattice", None),
+                                           ("agq", "y ~ x + (1 | s) + (0 + x | item)"),
+                                           ("agq", "y ~ x + (0 + x | s) + (1 | item)")])
+def test_nested_objective_gradient_is_exact(crossed, rule, formula):
     """The fixed-draw objective's analytic gradient (draws moving along dũ/dφ) equals central differences."""
     from stochmm.builder.families import get_family
     from stochmm.deterministic.pirls import make_engine
@@ -71,6 +76,9 @@ def test_nested_objective_gradient_is_exact(crossed, rule):
     from stochmm.stochastic.mcml import _mode_tangent, _NestedObjective
 
     m, lap, _ = crossed
+    if formula is not None:  # slopes: z ≠ 1 in the crossed or the first factor
+        m = sm.Model(formula, crossed_data["df"], family="binomial")
+        lap = m.fit()
     eng = make_engine(m, get_family(m.family), hessian="observed")
     phi = np.concatenate([lap.theta, lap._beta])
     lower = np.concatenate([np.asarray(m.lower, dtype=float), np.full(m.p, -np.inf)])
