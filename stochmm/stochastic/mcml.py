@@ -434,6 +434,19 @@ class _NestedObjective:
         return d, float(np.std(x, ddof=1) / np.sqrt(self.S))
 
 
+def _scaled(obj, phi_ref: np.ndarray, scale: np.ndarray):
+    """The objective and its gradient in steps x of ``scale`` from ``phi_ref`` (φ = φ_ref + x·scale), for
+    L-BFGS-B; a non-finite value becomes a huge one so the line search backs off."""
+
+    def fun(x):
+        f, g, _ = obj.value_and_grad(phi_ref + x * scale)
+        if not np.isfinite(f):
+            return 1e300, np.zeros_like(x)
+        return f, g * scale
+
+    return fun
+
+
 def _draws_at(eng, phi: np.ndarray, plan, base: dict, rng, joint: bool):
     """Draws u of the Laplace proposal at φ from the fixed standardised base draws (common random numbers)."""
     nt = eng.ntheta
@@ -587,13 +600,7 @@ def fit_is(model: Any, method: str = "is", *, draws: int = 1000, seed: Any = Non
             obj = _Objective(eng, U, logq, joint, plan)
             x0 = np.zeros(phi.size)
             phi_ref = phi.copy()
-
-            def fun(x, obj=obj, phi_ref=phi_ref):
-                f, g, _ = obj.value_and_grad(phi_ref + x * scale)
-                if not np.isfinite(f):
-                    return 1e300, np.zeros_like(x)
-                return f, g * scale
-
+            fun = _scaled(obj, phi_ref, scale)
             bounds = [((lo - r) / s if np.isfinite(lo) else None, None) for lo, r, s in zip(lower, phi_ref, scale)]
             res = so.minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=bounds,
                               options={"maxiter": 500, "ftol": 1e-13, "gtol": 1e-7})
@@ -779,13 +786,7 @@ def _fit_joint(eng, phi, lower, scale, draws, inner, adapt, proposal, df, rng, r
         st = eng.pirls(phi[:nt], phi[nt:])
         obj = _NestedObjective(eng, st, plan, inner, rng, prop, rule="agq", phi_ref=phi, tangent=D)
         phi_ref = phi.copy()
-
-        def fun(x, obj=obj, phi_ref=phi_ref):
-            f, g, _ = obj.value_and_grad(phi_ref + x * scale)
-            if not np.isfinite(f):
-                return 1e300, np.zeros_like(x)
-            return f, g * scale
-
+        fun = _scaled(obj, phi_ref, scale)
         bounds = [(max((lo - pr) / s, -delta) if np.isfinite(lo) else -delta, delta)
                   for lo, pr, s in zip(lower, phi_ref, scale)]
         res = so.minimize(fun, np.zeros(phi.size), jac=True, method="L-BFGS-B", bounds=bounds,
