@@ -645,8 +645,8 @@ def sample_model(model: Model, *, priors: dict[str, Any] | None = None, draws: i
         devices when JAX is not yet imported (:mod:`stochmm.stochastic`; ``STOCHMM_HOST_DEVICES`` overrides),
         so ``"auto"`` runs the default four chains in parallel; where the devices are missing (JAX imported
         before stochmm) it vectorises the chains instead. Measured on 2 CPU cores (cbpp, 4 x 2000 iterations,
-        fresh processes, a shared machine): parallel 10.5 s vs vectorised 14.4 s, most of the difference the
-        compilation of the vectorised sampler (7 s vs 2.5 s); on VerbAgg parallel chains use both cores.
+        a fresh process, compilation included, 2026-12-02): parallel 6.8 s, vectorised 14.4 s — compiling the
+        vectorised sampler alone took 7 s; on VerbAgg parallel chains use both cores.
     posterior_predictive : bool
         Add the ``posterior_predictive`` group (one replicated response per draw); or call
         :meth:`PosteriorResults.posterior_predictive` later (the same draws).
