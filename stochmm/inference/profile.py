@@ -234,17 +234,14 @@ def _root(zfun, a: float, b: float, za: float, zb: float, target: float) -> floa
         return float(a + (target - za) * (b - a) / (zb - za))
 
 
-class _ZetaVar:
-    """ζ of one component of the LMM's variance vector, inner BOBYQA warm-started."""
+class _ZetaFree:
+    """ζ of component ``i`` of a parameter vector φ whose other components are re-optimised at each point
+    (warm-started from the previous point's optimum, :attr:`x`)."""
 
-    def __init__(self, dev, i: int, phi_hat: np.ndarray, lower: np.ndarray, upper: np.ndarray, base: float,
-                 est: float, unit: np.ndarray) -> None:
-        from ..deterministic.optsummary import minimize_bounded
-
-        self.min = minimize_bounded
-        self.dev, self.i, self.phi_hat = dev, i, phi_hat
+    def __init__(self, i: int, phi_hat: np.ndarray, lower: np.ndarray, upper: np.ndarray, base: float,
+                 est: float) -> None:
+        self.i, self.phi_hat = i, phi_hat
         self.free = np.arange(phi_hat.size) != i
-        self.unit = unit[self.free]
         self.lower, self.upper = lower[self.free], upper[self.free]
         self.base, self.est = base, est
         self.reset()
@@ -252,9 +249,26 @@ class _ZetaVar:
     def reset(self) -> None:
         self.x = self.phi_hat[self.free].copy()
 
-    def __call__(self, v: float) -> float:
+    def _at(self, v: float) -> np.ndarray:
+        """φ̂ with component ``i`` set to ``v`` (the free components are filled in by the optimiser)."""
         phi = self.phi_hat.copy()
         phi[self.i] = v
+        return phi
+
+
+class _ZetaVar(_ZetaFree):
+    """ζ of one component of the LMM's variance vector, inner BOBYQA warm-started."""
+
+    def __init__(self, dev, i: int, phi_hat: np.ndarray, lower: np.ndarray, upper: np.ndarray, base: float,
+                 est: float, unit: np.ndarray) -> None:
+        from ..deterministic.optsummary import minimize_bounded
+
+        self.min, self.dev = minimize_bounded, dev
+        self.unit = unit[np.arange(phi_hat.size) != i]
+        super().__init__(i, phi_hat, lower, upper, base, est)
+
+    def __call__(self, v: float) -> float:
+        phi = self._at(v)
 
         def f(x):
             phi[self.free] = x
@@ -364,26 +378,19 @@ class _GlmmDev:
         return eng.fast(theta), None
 
 
-class _ZetaGlmm:
+class _ZetaGlmm(_ZetaFree):
     """ζ of component ``i`` of a GLMM's profile vector φ; the other components minimise ``vg(φ, grad)``
     (the fit's own objective) by L-BFGS on its exact gradient when every term is scalar (θ = SD), BOBYQA
     otherwise. Each point is warm-started from its neighbour."""
 
     def __init__(self, vg, i: int, phi_hat: np.ndarray, lower: np.ndarray, upper: np.ndarray,
                  base: float, est: float, scalar: bool, scale: np.ndarray) -> None:
-        self.vg, self.i, self.phi_hat = vg, i, phi_hat
-        self.free = np.arange(phi_hat.size) != i
-        self.lower, self.upper = lower[self.free], upper[self.free]
-        self.base, self.est, self.scalar = base, est, scalar
-        self.scale = scale[self.free]
-        self.reset()
-
-    def reset(self) -> None:
-        self.x = self.phi_hat[self.free].copy()
+        self.vg, self.scalar = vg, scalar
+        self.scale = scale[np.arange(phi_hat.size) != i]
+        super().__init__(i, phi_hat, lower, upper, base, est)
 
     def __call__(self, v: float) -> float:
-        phi = self.phi_hat.copy()
-        phi[self.i] = v
+        phi = self._at(v)
         sc = self.scale
         if not self.free.any():  # nothing left to optimise (one parameter, nAGQ = 0)
             fmin = self.vg(phi, False)[0]
