@@ -170,11 +170,11 @@ def sbc(model: Model, *, reps: int = 200, draws: int = 400, warmup: int = 300, t
             dens = P._Density(m_r, pri, user, centered=[False] * len(model.terms), clones=1,
                               marginal=P._marginal(m_r, True, 1)[0])
             init = P._start(dens, None, 1, rng, values=true_values(dens, r))
-            mcmc = P._make_mcmc(dens, init, chains=1, warmup=warmup, draws=draws, chain_method="sequential",
-                                progress=False, thinning=thin, nuts_options=dict(nuts_options or {}))
-            P._run(mcmc, seed + 1000 + r, jnp.asarray(y), init, 1)
-            div += int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum())
-            cons = jax.vmap(dens.constrain)(mcmc.get_samples())
+            smp, fields, _ = P._chains(dens, init, seed=seed + 1000 + r, warmup=warmup, draws=draws,
+                                       chain_method="sequential", progress=False, thinning=thin,
+                                       nuts_options=dict(nuts_options or {}), y=jnp.asarray(y))
+            div += int(np.asarray(fields["diverging"]).sum())
+            cons = jax.vmap(dens.constrain)({k: v[0] for k, v in smp.items()})
             ranks[r] = np.sum(columns(dens, cons)[:L] < true[r], axis=0)
     stat, pval = _chi2(ranks, L, bins)
     table = pd.DataFrame({"chi2": stat, "df": bins - 1, "p_value": pval}, index=pd.Index(names, name="parameter"))
