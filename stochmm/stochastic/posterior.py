@@ -36,6 +36,7 @@ from __future__ import annotations
 import sys
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -712,6 +713,9 @@ def sample_model(model: Model, *, priors: dict[str, Any] | None = None, draws: i
         if len(cen) != len(model.terms):
             raise SamplingError(f"centered needs one value per random-effects term ({len(model.terms)}), "
                                 f"got {len(cen)}")
+    if marg is not None and fit is not None and hasattr(marg, "set_start") and getattr(fit, "_b", None) is not None:
+        with np.errstate(all="ignore"):
+            marg.set_start(fit._b, marg.L_list(fit.theta))
     dens = _Density(model, pri, user, centered=cen, clones=clones, marginal=marg, fixed=_check_fixed(model, fixed))
     rng = np.random.default_rng(seed)
     init = _start(dens, fit, chains, rng)
@@ -770,7 +774,9 @@ def _chains(dens: _Density, init: dict[str, Any], *, seed: int, warmup: int, dra
             progress: bool, thinning: int, nuts_options: dict[str, Any], y: Any = None):
     """NUTS (:func:`stochmm.stochastic.nuts.run_chains`) over the unconstrained parameters as one vector
     (:class:`_Flat`), the response an argument of the potential. ``dense_mass`` defaults to dense up to
-    :data:`DENSE_MAX` dimensions; small models compile with XLA's fast options (:func:`nuts.fast_compile_pays`).
+    :data:`DENSE_MAX` dimensions; small models under full NUTS compile with XLA's fast options
+    (:func:`nuts.fast_compile_pays`; the quadrature inside marginal NUTS needs optimised code: on cbpp it
+    ran 2.3x slower unoptimised).
     Returns (draws as a dict of (chain, draw, ...) arrays, sampler fields, :class:`nuts.ChainsOutput`)."""
     from . import nuts
 
@@ -785,7 +791,8 @@ def _chains(dens: _Density, init: dict[str, Any], *, seed: int, warmup: int, dra
     width = model.p + sum(t.k for t in model.terms)
     out = nuts.run_chains(potential_gen, flat.ravel(init), dens.d.y if y is None else y, seed=seed, warmup=warmup,
                           draws=draws, thinning=thinning, chain_method=chain_method, nuts_options=opts,
-                          progress=progress, fast_compile=nuts.fast_compile_pays(model.n * dens.clones, width))
+                          progress=progress,
+                          fast_compile=dens.marginal is None and nuts.fast_compile_pays(model.n * dens.clones, width))
     return flat.unravel(out.z), out.fields, out
 
 
@@ -907,24 +914,69 @@ def sample_prior(model_or_formula: Model | str, data: pd.DataFrame | None = None
 # -------------------------------------------------------------------------------------------------
 # results
 # -------------------------------------------------------------------------------------------------
-def _flat_map(fn, tree: dict[str, Any], chunk: int = 1024) -> dict[str, np.ndarray]:
+def _flat_map(fn, tree: dict[str, Any], chunk: int = 1024, noise: Any = None) -> dict[str, np.ndarray]:
     """Apply a one-draw function to every (chain, draw), in equal chunks (bounded memory, one compilation:
-    the last chunk is padded; the draws are sliced as NumPy arrays, not by dispatching JAX slices)."""
+    the last chunk is padded; the draws are sliced as NumPy arrays, not by dispatching JAX slices).
+    ``noise(start, size)`` adds per-draw random numbers (:func:`_noise_maker`) to each chunk."""
     leaves = jax.tree_util.tree_leaves(tree)
     C, N = leaves[0].shape[:2]
     total = C * N
     flat = {k: np.asarray(a).reshape(total, *np.shape(a)[2:]) for k, a in tree.items()}
+    if noise is not None:
+        chunk = max(_NOISE_BLOCK, chunk // _NOISE_BLOCK * _NOISE_BLOCK)
     nchunk = -(-total // chunk)
     size = -(-total // nchunk)
+    if noise is not None:
+        size = -(-size // _NOISE_BLOCK) * _NOISE_BLOCK
     pad = nchunk * size - total
     if pad:
         flat = {k: np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) for k, a in flat.items()}
     f = jax.jit(jax.vmap(fn))
     outs = []
     for s in range(0, nchunk * size, size):
-        outs.append(jax.tree_util.tree_map(np.asarray, f({k: a[s : s + size] for k, a in flat.items()})))
+        args = {k: a[s : s + size] for k, a in flat.items()}
+        if noise is not None:
+            args.update(noise(s, size))
+        outs.append(jax.tree_util.tree_map(np.asarray, f(args)))
     keys = outs[0].keys()
     return {k: np.concatenate([o[k] for o in outs])[:total].reshape(C, N, *outs[0][k].shape[1:]) for k in keys}
+
+
+_NOISE_BLOCK = 64
+
+
+def _noise_maker(spec: dict[str, tuple[tuple[int, ...], str]], seed: int) -> Any:
+    """(start, size) -> per-draw random numbers of ``spec`` (name → (shape, "normal" | "uniform" | "key"))
+    for the flat draws start … start + size − 1. NumPy makes them, by blocks of :data:`_NOISE_BLOCK` draws each
+    seeded from (seed, name, block): the same numbers whatever the chunking and whatever else is drawn (the
+    posterior predictive method repeats the flag's draws); a PRNG inside the vectorised function would cost XLA seconds to compile."""
+    names = sorted(spec)
+
+    def make(start: int, size: int) -> dict[str, np.ndarray]:
+        out = {nm: [] for nm in names}
+        for b0 in range(start, start + size, _NOISE_BLOCK):
+            for nm in names:
+                rng = np.random.default_rng([int(seed), zlib.crc32(nm.encode()), b0 // _NOISE_BLOCK])
+                shape, kind = spec[nm]
+                if kind == "normal":
+                    out[nm].append(rng.standard_normal((_NOISE_BLOCK, *shape)))
+                elif kind == "uniform":
+                    out[nm].append(rng.random((_NOISE_BLOCK, *shape)))
+                else:  # a raw PRNG key: any 64 bits
+                    out[nm].append(rng.integers(0, 2**32, (_NOISE_BLOCK, *shape), dtype=np.uint32))
+        return {nm: np.concatenate(v)[:size] for nm, v in out.items()}
+
+    return make
+
+
+def _noise_spec(dens: _Density, want_pp: bool) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The per-draw random numbers :func:`_postprocess` takes: b | θ under marginal NUTS, replicates."""
+    spec = {}
+    if dens.marginal is not None and dens.model.terms:
+        spec.update({f"_nb_{k}": v for k, v in dens.marginal.noise_spec().items()})
+    if want_pp:
+        spec["_ky"] = ((2,), "key")
+    return spec
 
 
 def _postprocess(dens: _Density, want_ll: bool, want_pp: bool):
@@ -935,12 +987,13 @@ def _postprocess(dens: _Density, want_ll: bool, want_pp: bool):
     trials = None if d.trials is None else jnp.asarray(np.round(d.trials))
 
     def one(p):
-        k_b, k_y = jax.random.split(p["_key"])
+        k_y = p.get("_ky")
         out = dens.constrain(p)
         sigma = out.get("sigma", 1.0)
         if dens.marginal is not None and model.terms:
             beta, _, Ls, _ = dens.effects(p)
-            out["b"] = dens.marginal.draw_ranef(k_b, beta, Ls, dens.sigma(p))
+            nz = {k[4:]: v for k, v in p.items() if k.startswith("_nb_")}
+            out["b"] = dens.marginal.draw_from_noise(nz, beta, Ls, dens.sigma(p))
         if not (want_ll or want_pp):
             return out
         bs = [out["b"][sl].reshape(nl, k) for sl, nl, k in bsl]
@@ -958,11 +1011,6 @@ def _postprocess(dens: _Density, want_ll: bool, want_pp: bool):
         return out
 
     return one
-
-
-def _draw_keys(seed: int, C: int, N: int) -> np.ndarray:
-    """One PRNG key per (chain, draw) for what is drawn after sampling (b under marginal NUTS, replicates)."""
-    return np.asarray(jax.random.split(jax.random.PRNGKey(seed + 7919), C * N)).reshape(C, N, -1)
 
 
 class PosteriorResults:
@@ -1021,10 +1069,11 @@ class PosteriorResults:
         want_ll = bool(want_ll and group == "posterior" and model.terms)
         want_pp = bool(posterior_predictive and model.terms)
         self._samples = samples  # unconstrained draws (the MCMC object holds them too)
-        tree = dict(samples)
-        tree["_key"] = _draw_keys(seed, C, N)
-        per_draw = model.n * (int(want_ll) + int(want_pp)) + model.q  # numbers each draw produces
-        cons = _flat_map(_postprocess(dens, want_ll, want_pp), tree, chunk=max(8, min(1024, int(2e7 // per_draw))))
+        spec = _noise_spec(dens, want_pp)
+        per_draw = model.n * (int(want_ll) + int(want_pp)) + model.q \
+            + sum(int(np.prod(sh)) for sh, _ in spec.values())  # numbers each draw takes and produces
+        cons = _flat_map(_postprocess(dens, want_ll, want_pp), dict(samples),
+                         chunk=max(8, min(1024, int(2e7 // per_draw))), noise=_noise_maker(spec, seed) if spec else None)
         self._draws = {k: v for k, v in cons.items() if k not in ("ll", "yrep")}
         self.nchains, self.ndraws = C, N
         self.family_label = "Linear" if d.kind == "gaussian" else "Generalized linear"
@@ -1242,11 +1291,10 @@ class PosteriorResults:
         if name not in group_names(self.idata):
             if not self.model.terms:
                 raise SamplingError("posterior_predictive needs a model with random effects")
-            C, N = self.nchains, self.ndraws
-            tree = dict(self._samples)
-            tree["_key"] = _draw_keys(self.seed, C, N)
-            cons = _flat_map(_postprocess(self._dens, False, True), tree,
-                             chunk=max(8, min(1024, int(2e7 // (self.model.n + self.model.q)))))
+            spec = _noise_spec(self._dens, True)
+            per_draw = self.model.n + self.model.q + sum(int(np.prod(sh)) for sh, _ in spec.values())
+            cons = _flat_map(_postprocess(self._dens, False, True), dict(self._samples),
+                             chunk=max(8, min(1024, int(2e7 // per_draw))), noise=_noise_maker(spec, self.seed))
             self.idata = add_group(self.idata, name, {"y": cons["yrep"]}, coords={"obs": np.arange(self.model.n)},
                                    dims={"y": ["obs"]})
         return group_dataset(self.idata, name)
