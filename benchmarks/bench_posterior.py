@@ -55,6 +55,7 @@ def worker(name: str, mode: str) -> dict:
     """One measurement in this (fresh) process."""
     import stochmm as sm  # isort: skip  (before JAX: stochmm asks XLA for host devices, parallel chains)
     import arviz  # noqa: F401  # isort: skip  (imports excluded from the wall time, as the baseline's are)
+    import dask.array  # noqa: F401  # isort: skip  (xarray imports it, 0.8 s, on first use when dask is installed)
     import numpyro.distributions as dist  # isort: skip
     from stochmm.stochastic.diagnostics import SamplerWarning
 

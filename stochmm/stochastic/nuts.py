@@ -9,7 +9,7 @@ Why not ``numpyro.infer.MCMC``: owning the program lets it be compiled with XLA 
 model's size. For a small model NUTS costs far more to compile than to run (cbpp, 4 x 2000 iterations:
 3.5 s of XLA compilation, 0.4 s of sampling), and XLA's unoptimised CPU back end compiles the same program
 in 1.4 s (:data:`FAST_COMPILE`, measured 2026-12-02, four fresh processes each); for a big model the
-optimised code's speed matters more (:func:`fast_compile_pays`).
+optimised code's speed matters more (:func:`compiler_options`).
 
 The potential is a function of one flat vector (:class:`stochmm.stochastic.posterior._Flat`); ``potential_gen(y)``
 makes it from the response, which stays an argument of the program.
@@ -28,12 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._jax import configure
+
+configure()  # float64, persistent compilation cache
+
 #: XLA options for a program that runs briefly: no LLVM optimisation, XLA's older elemental CPU emitters
 #: (measured on cbpp: compile 3.5 s → 1.4 s; sampling time unchanged at 0.4 s)
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
-#: XLA options otherwise: the older elemental CPU emitters, LLVM optimisation kept (measured on cbpp's
-#: marginal NUTS, quadrature inside: compile 4.6 s → 3.5 s, sampling 1.0 s → 1.07 s)
+#: XLA options for a small marginal NUTS program (quadrature inside, whose arithmetic wants LLVM's
+#: optimisation): the older elemental CPU emitters (cbpp: compile 4.6 s → 3.5 s, sampling 1.0 s → 1.07 s)
 MEDIUM_COMPILE = {"xla_cpu_use_fusion_emitters": False}
 
 #: fast compilation when observations x (fixed + random-effect columns) is at most this: the density's own
@@ -44,13 +48,18 @@ FAST_COMPILE_MAX_WORK = 20_000
 FIELDS = ("diverging", "energy", "num_steps", "adapt_state.step_size", "potential_energy", "accept_prob")
 
 
-def fast_compile_pays(n: int, width: int) -> bool:
-    """fast_compile_pays(n, width) -> bool
+def compiler_options(n: int, width: int, marginal: bool = False) -> dict[str, Any] | None:
+    """compiler_options(n, width, marginal=False) -> dict or None
 
-    Whether to compile with :data:`FAST_COMPILE` (XLA on CPU only): ``n`` observations times ``width``
-    columns (fixed effects plus random-effect terms) at most :data:`FAST_COMPILE_MAX_WORK`.
+    XLA options for the sampler of a model with ``n`` observations and ``width`` columns (fixed effects plus
+    random-effect terms; for marginal NUTS times the quadrature nodes): :data:`FAST_COMPILE` for full NUTS
+    when ``n * width`` ≤ :data:`FAST_COMPILE_MAX_WORK`, :data:`MEDIUM_COMPILE` for marginal NUTS under the
+    same bound, XLA's defaults otherwise (on InstEval the older emitters made each gradient 1.5x slower) and
+    on every back end but the CPU.
     """
-    return jax.default_backend() == "cpu" and n * width <= FAST_COMPILE_MAX_WORK
+    if jax.default_backend() != "cpu" or n * width > FAST_COMPILE_MAX_WORK:
+        return None
+    return MEDIUM_COMPILE if marginal else FAST_COMPILE
 
 
 @dataclass
@@ -101,8 +110,9 @@ class _Progress:
 
 
 def _chain_fn(potential_gen: Callable, *, warmup: int, draws: int, thinning: int, nuts: dict[str, Any],
-              progress: _Progress | None) -> Callable:
-    """One chain: (key, x0, y) -> (draws of z, fields, last step size, last inverse mass matrix)."""
+              progress: _Progress | None, per_call: int = 1) -> Callable:
+    """One chain: (key, x0, y) -> (draws of z, fields, last step size, last inverse mass matrix).
+    ``per_call``: chains advanced by one progress callback (vectorised chains share theirs)."""
     from numpyro.infer.hmc import hmc
 
     init_kernel, sample_kernel = hmc(potential_fn_gen=potential_gen, algo="NUTS")
@@ -131,8 +141,8 @@ def _chain_fn(potential_gen: Callable, *, warmup: int, draws: int, thinning: int
                 bufs, pick(st))
             if progress is not None:
                 jax.lax.cond(((i + 1) % every == 0) | (i + 1 == total),
-                             lambda: jax.debug.callback(progress, jnp.where((i + 1) % every == 0, every,
-                                                                            (i + 1) % every)),
+                             lambda: jax.debug.callback(progress, per_call * jnp.where((i + 1) % every == 0, every,
+                                                                                       (i + 1) % every)),
                              lambda: None)
             return st, bufs
 
@@ -144,13 +154,14 @@ def _chain_fn(potential_gen: Callable, *, warmup: int, draws: int, thinning: int
 
 def run_chains(potential_gen: Callable, x0: Any, y: Any, *, seed: int, warmup: int, draws: int, thinning: int = 1,
                chain_method: str = "parallel", nuts_options: dict[str, Any] | None = None, progress: bool = False,
-               fast_compile: bool = False) -> ChainsOutput:
-    """run_chains(potential_gen, x0, y, *, seed, warmup, draws, thinning=1, chain_method="parallel", nuts_options=None, progress=False, fast_compile=False) -> ChainsOutput
+               compiler_options: dict[str, Any] | None = None) -> ChainsOutput:
+    """run_chains(potential_gen, x0, y, *, seed, warmup, draws, thinning=1, chain_method="parallel", nuts_options=None, progress=False, compiler_options=None) -> ChainsOutput
 
     NUTS chains started at ``x0`` (chains, dim) on the potential ``potential_gen(y)``: ``warmup`` adaptation
     iterations (NumPyro's windowed adaptation), then ``draws`` iterations of which every ``thinning``-th is
     kept. Chain ``c`` uses the PRNG key ``split(PRNGKey(seed), chains)[c]`` whatever ``chain_method``, so
-    parallel, vectorised and sequential runs give the same draws (up to floating-point association).
+    parallel, vectorised and sequential runs make the same chains, up to rounding in the last bits (which
+    long trajectories amplify: the draws agree at first, then become different draws of the same law).
 
     Parameters
     ----------
@@ -160,8 +171,8 @@ def run_chains(potential_gen: Callable, x0: Any, y: Any, *, seed: int, warmup: i
         ``regularize_mass_matrix``).
     progress : bool
         A tqdm bar over all chains' iterations.
-    fast_compile : bool
-        Compile with :data:`FAST_COMPILE`.
+    compiler_options : dict, optional
+        XLA options for the compiled program (:func:`compiler_options`).
 
     Examples
     --------
@@ -180,9 +191,9 @@ def run_chains(potential_gen: Callable, x0: Any, y: Any, *, seed: int, warmup: i
     nuts = dict(nuts_options or {})
     bar = _Progress(chains * (warmup + draws), progress)
     chain = _chain_fn(potential_gen, warmup=warmup, draws=draws, thinning=thinning, nuts=nuts,
-                      progress=bar if progress else None)
+                      progress=bar if progress else None, per_call=chains if chain_method == "vectorized" else 1)
     keys = jax.random.split(jax.random.PRNGKey(int(seed)), chains)
-    opts = FAST_COMPILE if fast_compile else MEDIUM_COMPILE
+    opts = compiler_options or None
     t0 = time.perf_counter()
     try:
         if chain_method == "parallel":

@@ -730,8 +730,9 @@ def sample_model(model: Model, *, priors: dict[str, Any] | None = None, draws: i
     res = PosteriorResults._from_mcmc(dens, samples, extra, seed=int(seed), sampler=label,
                                       posterior_predictive=posterior_predictive, log_likelihood=log_likelihood,
                                       max_tree_depth=int(nuts_options.get("max_tree_depth", 10)))
-    res.step_size, res.inverse_mass_matrix, res._out = out.step_size, out.inverse_mass_matrix, out
-    res.timing = {"init_s": t_init, "sampling_s": t_sample, "total_s": time.perf_counter() - t0}
+    res.step_size, res.inverse_mass_matrix = out.step_size, out.inverse_mass_matrix
+    res.timing = {"init_s": t_init, "compile_s": out.compile_s, "run_s": out.run_s, "sampling_s": t_sample,
+                  "total_s": time.perf_counter() - t0}
     res.ml_fit = fit
     res._check(warn)
     return res
@@ -774,9 +775,8 @@ def _chains(dens: _Density, init: dict[str, Any], *, seed: int, warmup: int, dra
             progress: bool, thinning: int, nuts_options: dict[str, Any], y: Any = None):
     """NUTS (:func:`stochmm.stochastic.nuts.run_chains`) over the unconstrained parameters as one vector
     (:class:`_Flat`), the response an argument of the potential. ``dense_mass`` defaults to dense up to
-    :data:`DENSE_MAX` dimensions; small models under full NUTS compile with XLA's fast options
-    (:func:`nuts.fast_compile_pays`; the quadrature inside marginal NUTS needs optimised code: on cbpp it
-    ran 2.3x slower unoptimised).
+    :data:`DENSE_MAX` dimensions; small models compile with XLA options that favour compile time
+    (:func:`nuts.compiler_options`).
     Returns (draws as a dict of (chain, draw, ...) arrays, sampler fields, :class:`nuts.ChainsOutput`)."""
     from . import nuts
 
@@ -789,10 +789,12 @@ def _chains(dens: _Density, init: dict[str, Any], *, seed: int, warmup: int, dra
     opts.setdefault("dense_mass", flat.dim <= DENSE_MAX)
     model = dens.model
     width = model.p + sum(t.k for t in model.terms)
+    if dens.marginal is not None:
+        width *= int(getattr(dens.marginal, "nagq", 1)) ** max(1, getattr(dens.marginal.lay, "k0", 1))
+    copts = nuts.compiler_options(model.n * dens.clones, width, marginal=dens.marginal is not None)
     out = nuts.run_chains(potential_gen, flat.ravel(init), dens.d.y if y is None else y, seed=seed, warmup=warmup,
                           draws=draws, thinning=thinning, chain_method=chain_method, nuts_options=opts,
-                          progress=progress,
-                          fast_compile=dens.marginal is None and nuts.fast_compile_pays(model.n * dens.clones, width))
+                          progress=progress, compiler_options=copts)
     return flat.unravel(out.z), out.fields, out
 
 
@@ -1038,7 +1040,8 @@ class PosteriorResults:
         The priors used (:meth:`prior_summary`).
     clones : int
     timing : dict
-        Seconds: ``init_s`` (ML start, checks), ``sampling_s`` (compilation and NUTS), ``total_s``.
+        Seconds: ``init_s`` (ML start, checks), ``compile_s`` (tracing and compiling the sampler, or loading
+        it from the compilation cache), ``run_s`` (NUTS itself), ``sampling_s`` (both), ``total_s``.
     step_size : ndarray (chains,)
         NUTS step sizes after adaptation.
     inverse_mass_matrix : ndarray (chains, dim) or (chains, dim, dim)
