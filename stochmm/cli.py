@@ -106,13 +106,13 @@ def demo(args: argparse.Namespace) -> int:
     print()
     print(sm.compare_likelihoods(f1, seed=1).round(5).to_string(index=False))
 
-    _rule("cbpp posterior of the same model: NumPyro NUTS (herd effects integrated out by quadrature), 4 x 500 draws")
+    _rule("cbpp posterior of the same model: NumPyro NUTS, 4 x 500 draws")
     t0 = time.perf_counter()
     post = sm.sample("cbind(incidence, size - incidence) ~ period + (1 | herd)", sm.datasets.load("cbpp"), family="binomial",
                      draws=500, warmup=500, chains=4, seed=1, progress=False)
     el = time.perf_counter() - t0
     print(post.summary())
-    print(f"\nwhole call (compilation included) in {el:.1f} s")
+    print(f"\n{post.sampler}; whole call (compilation included) in {el:.1f} s")
 
     _rule("VerbAgg: the Laplace log-likelihood against importance sampling (crossed: joint proposal)")
     t0 = time.perf_counter()

@@ -17,8 +17,15 @@ Geometry (what NUTS is given, as opposed to what is reported):
 * SDs and σ are sampled on the log scale, correlation Cholesky factors through NumPyro's
   ``CorrCholeskyTransform``;
 * chains start from the Laplace (GLMM) or REML (LMM) estimates, each with a small jitter;
+* NUTS moves one flat vector; its mass matrix is dense up to ``DENSE_MAX`` (100) dimensions — marginal
+  NUTS and small full models, where the intercept and the random effects' mean are correlated — and
+  diagonal beyond;
 * float64 throughout, so the numbers agree with the ML paths (float32 would halve memory and speed up
   the gathers on a GPU, at the cost of ~7 significant digits in the log density).
+
+The sampler is NumPyro's NUTS kernel driven by :mod:`stochmm.stochastic.nuts` (one compiled program for
+all iterations, chains one per device), compiled with XLA options chosen for the model's size: for a
+small model NUTS costs more to compile than to run.
 
 With ``marginalize`` the random effects are integrated out inside the log density
 (:mod:`stochmm.stochastic.marginal`: exactly for LMMs, by adaptive Gauss–Hermite quadrature for a GLMM
@@ -629,25 +636,27 @@ def sample_model(model: Model, *, priors: dict[str, Any] | None = None, draws: i
     seed : int
         Everything (jitter of the start values, the chains) follows from it.
     progress : bool
-        NumPyro's progress bar (shown only when stderr is a terminal).
+        A tqdm progress bar over all chains' iterations (shown only when stderr is a terminal).
     clones : int
         Data cloning: K copies of the data (each with its own random effects); the posterior mean tends to
         the MLE and K × the posterior variance to its asymptotic variance (:meth:`PosteriorResults.dclone`).
     marginalize : "auto", True, False, "exact", "agq", "laplace"
         Integrate the random effects out of the log density (:mod:`stochmm.stochastic.marginal`) and sample
-        (β, SDs, correlations[, σ]) only, then draw b given each draw. ``"auto"`` does so when it is exact
-        (LMMs whose random effects outside the first grouping factor number ≤ ``AUTO_MAX_QREST``: the dense
-        block's Cholesky is the cost) or exact to quadrature error (GLMMs with one grouping factor); measured
-        on cbpp it gives 2.0x the ESS/s of full NUTS (benchmarks/bench_posterior.py). ``True`` insists (an
+        (β, SDs, correlations[, σ]) only, then draw b given each draw. ``"auto"`` does so where it is exact
+        and faster: LMMs whose random effects outside the first grouping factor number ≤ ``AUTO_MAX_QREST``
+        (the dense block's Cholesky is the cost; sleepstudy: 529 ESS/s against 215 for full NUTS), and data
+        cloning of GLMMs with one grouping factor (exact to quadrature error; the full model would grow
+        K-fold). A GLMM with ``clones=1`` gets full NUTS: on cbpp it gave 1,079 ESS/s against 465 for marginal
+        NUTS (fresh processes, compilation included, benchmarks/bench_posterior.py, 2026-12-02). ``True`` insists (an
         error where it cannot apply), ``"laplace"`` approximates crossed GLMMs (labelled as an approximation).
         Which sampler ran is ``results.sampler``.
     chain_method : {"auto", "vectorized", "parallel", "sequential"}
         ``"parallel"`` runs one chain per JAX device. ``import stochmm`` asks XLA for max(CPU count, 4) host
         devices when JAX is not yet imported (:mod:`stochmm.stochastic`; ``STOCHMM_HOST_DEVICES`` overrides),
         so ``"auto"`` runs the default four chains in parallel; where the devices are missing (JAX imported
-        before stochmm) it vectorises the chains instead. Measured on 2 CPU cores (cbpp, 4 x 2000 iterations,
-        a fresh process, compilation included, 2026-12-02): parallel 6.8 s, vectorised 14.4 s — compiling the
-        vectorised sampler alone took 7 s; on VerbAgg parallel chains use both cores.
+        before stochmm) it vectorises the chains instead (in lock step: each tree is as deep as the deepest
+        chain's, and XLA compiled NumPyro's vectorised sampler for 7 s on cbpp against 2 s for parallel
+        chains, 2026-12-02); ``"sequential"`` runs them one after another.
     posterior_predictive : bool
         Add the ``posterior_predictive`` group (one replicated response per draw); or call
         :meth:`PosteriorResults.posterior_predictive` later (the same draws).
@@ -665,7 +674,8 @@ def sample_model(model: Model, *, priors: dict[str, Any] | None = None, draws: i
     warn : bool
         Warn (:class:`~stochmm.stochastic.diagnostics.SamplerWarning`) on failed diagnostics.
     **nuts_options
-        Passed to ``numpyro.infer.NUTS`` (``target_accept_prob``, ``max_tree_depth``, ``dense_mass``, ...).
+        NumPyro's NUTS options (``target_accept_prob``, ``max_tree_depth``, ``dense_mass``, ``step_size``,
+        ``adapt_step_size``, ``adapt_mass_matrix``, ``find_heuristic_step_size``, ``regularize_mass_matrix``).
         ``dense_mass`` defaults to a dense mass matrix when at most :data:`DENSE_MAX` (100) dimensions are
         sampled (marginal NUTS, small full models), diagonal otherwise.
 
@@ -837,6 +847,11 @@ def _marginal(model: Model, marginalize: Any, clones: int) -> tuple[Any, str]:
     ok, why = mg.applies(model)
     if marginalize == "auto":
         if not ok:
+            return None, full
+        if model.family_name != "gaussian" and clones == 1:
+            # measured (benchmarks/bench_posterior.py, cbpp, fresh processes, 2026-12-02): full NUTS
+            # 1,079 ESS/s against 465 for the quadrature inside marginal NUTS, which costs nagq^k likelihood
+            # evaluations and a Newton solve per gradient; with clones the full model grows K-fold instead
             return None, full
         lay = mg.bc.Layout(model)
         if model.family_name == "gaussian" and lay.q_rest > AUTO_MAX_QREST:
