@@ -48,6 +48,28 @@ FAST_COMPILE_MAX_WORK = 20_000
 FIELDS = ("diverging", "energy", "num_steps", "adapt_state.step_size", "potential_energy", "accept_prob")
 
 
+_UNSUPPORTED: set[str] = set()  # options this jaxlib rejected ("No such compile option")
+
+
+def compile_with(lowered: Any, options: dict[str, Any] | None) -> Any:
+    """compile_with(lowered, options) -> compiled
+
+    ``lowered.compile(compiler_options=options)``, dropping any option this jaxlib does not know (XLA
+    renames and retires its flags: ``xla_cpu_use_fusion_emitters`` is gone in jaxlib 0.12) and remembering
+    it for the rest of the process.
+    """
+    opts = {k: v for k, v in (options or {}).items() if k not in _UNSUPPORTED}
+    while True:
+        try:
+            return lowered.compile(compiler_options=opts or None)
+        except Exception as err:  # noqa: BLE001 - jaxlib raises JaxRuntimeError (INVALID_ARGUMENT)
+            bad = [k for k in opts if f"No such compile option: '{k}'" in str(err)]
+            if not bad:
+                raise
+            _UNSUPPORTED.update(bad)
+            opts = {k: v for k, v in opts.items() if k not in bad}
+
+
 def compiler_options(n: int, width: int, marginal: bool = False) -> dict[str, Any] | None:
     """compiler_options(n, width, marginal=False) -> dict or None
 
@@ -208,15 +230,15 @@ def run_chains(potential_gen: Callable, x0: Any, y: Any, *, seed: int, warmup: i
             spec = PartitionSpec("chain")
             fn = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, PartitionSpec()), out_specs=spec,
                                check_vma=False)
-            run = jax.jit(fn).lower(keys, x0, y).compile(compiler_options=opts)
+            run = compile_with(jax.jit(fn).lower(keys, x0, y), opts)
             t1 = time.perf_counter()
             res = run(keys, x0, y)
         elif chain_method == "vectorized":
-            run = jax.jit(jax.vmap(chain, in_axes=(0, 0, None))).lower(keys, x0, y).compile(compiler_options=opts)
+            run = compile_with(jax.jit(jax.vmap(chain, in_axes=(0, 0, None))).lower(keys, x0, y), opts)
             t1 = time.perf_counter()
             res = run(keys, x0, y)
         else:
-            run = jax.jit(chain).lower(keys[0], x0[0], y).compile(compiler_options=opts)
+            run = compile_with(jax.jit(chain).lower(keys[0], x0[0], y), opts)
             t1 = time.perf_counter()
             outs = [run(keys[c], x0[c], y) for c in range(chains)]
             res = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)

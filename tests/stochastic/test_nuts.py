@@ -80,3 +80,10 @@ def test_compiler_options_by_size():
     assert nuts.compiler_options(56, 45, marginal=True) == nuts.MEDIUM_COMPILE
     assert nuts.compiler_options(73_421, 5) is None
     assert nuts.compiler_options(7_584, 8) is None
+
+
+def test_unknown_compiler_options_are_dropped():
+    lowered = jax.jit(lambda x: 2.0 * x).lower(jnp.ones(3))
+    run = nuts.compile_with(lowered, {"xla_no_such_option_anywhere": True, "xla_backend_optimization_level": 0})
+    np.testing.assert_allclose(run(jnp.ones(3)), 2.0)
+    assert "xla_no_such_option_anywhere" in nuts._UNSUPPORTED
