@@ -467,13 +467,8 @@ def _spd_solve(H, g):
 
 
 def _t_draws(key, shape, k):
-    """Standard multivariate t₄ draws, shape + (k,): z / √(χ²₄/4), with χ²₄ = −2 log(U₁U₂) (exact, no
-    gamma sampler)."""
-    kz, ku = jax.random.split(key)
-    z = jax.random.normal(kz, shape + (k,))
-    uu = jax.random.uniform(ku, (2,) + shape, minval=jnp.finfo(jnp.float64).tiny)
-    chi2 = -2.0 * jnp.sum(jnp.log(uu), axis=0)
-    return z / jnp.sqrt(chi2 / _NU)[..., None]
+    """Standard multivariate t₄ draws, shape + (k,) (:func:`_t_draws_and_logu` without the log-uniforms)."""
+    return _t_draws_and_logu(key, shape, k)[0]
 
 
 def _t_draws_and_logu(key, shape, k):
@@ -486,7 +481,8 @@ def _t_draws_and_logu(key, shape, k):
 
 
 def _t_from_noise(z, uu):
-    """t₄ draws z / √(χ²₄/4), χ²₄ = −2 log(U₁U₂), and log U₃, from normals z (..., k) and uniforms uu (3, ...)."""
+    """t₄ draws z / √(χ²₄/4), χ²₄ = −2 log(U₁U₂) (exact, no gamma sampler), and log U₃, from normals
+    z (..., k) and uniforms uu (3, ...)."""
     uu = jnp.maximum(uu, jnp.finfo(jnp.float64).tiny)
     chi2 = -2.0 * (jnp.log(uu[0]) + jnp.log(uu[1]))
     return z / jnp.sqrt(chi2 / _NU)[..., None], jnp.log(uu[2])
