@@ -67,8 +67,10 @@ def test_thinning_keeps_every_kth_draw_of_the_same_chain():
     np.testing.assert_array_equal(thin.fields["diverging"], full.fields["diverging"][:, ::3])
 
 
-@pytest.mark.parametrize("method", ["vectorized", "sequential"])
+@pytest.mark.parametrize("method", ["vectorized", "sequential", "parallel"])
 def test_progress_counts_every_iteration(monkeypatch, method):
+    if method == "parallel" and jax.local_device_count() < 4:
+        pytest.skip("JAX was imported before stochmm: one host device")
     seen = []
     monkeypatch.setattr(nuts._Progress, "__call__", lambda self, n: seen.append(int(n)))
     run(warmup=37, draws=41, progress=True, chain_method=method)
