@@ -6,7 +6,7 @@ float64
     that differ from the ML paths' in the fifth digit on VerbAgg-sized sums.
 
 Persistent compilation cache
-    Compiling NumPyro's NUTS for a model takes seconds (a whole cbpp run on 2 cores: 3.8 s cold, 1.7 s
+    Compiling NumPyro's NUTS for a model takes seconds (a whole cbpp run on 2 cores, 2026-12-02: 3.0 s cold, 2.3 s
     with the cache warm) and is repeated in every new Python process. Unless JAX already has a cache
     directory, the stochastic paths use one at ``$STOCHMM_JAX_CACHE``, else ``$XDG_CACHE_HOME/stochmm/jax`` (``~/.cache/stochmm/jax``), so a
     script re-run on the same model shapes loads the compiled sampler instead (measured in

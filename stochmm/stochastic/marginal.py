@@ -307,6 +307,10 @@ class MarginalLik:
         beta, Ls, sigma = self._check(beta, L_list, sigma)
         return self._info_jit(rng_key, beta, Ls, sigma)
 
+    def set_start(self, b: Any, L_list: Any) -> None:
+        """set_start(b, L_list) — where iterative marginals start their inner solves (see the AGQ marginal);
+        nothing for the others."""
+
     def noise_spec(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """noise_spec() -> dict — the random numbers one :meth:`draw_from_noise` takes: name → (shape, kind)."""
         return {"key": ((2,), "key")}
@@ -514,7 +518,8 @@ class _AgqMarginal(_GlmmBase):
         L0 = np.asarray(lay.lambdas(L_list)[0])
         b0 = blk[: lay.q0].reshape(lay.nlev0, lay.k0)
         try:
-            u0 = np.linalg.solve(L0, b0.T).T
+            with np.errstate(all="ignore"):
+                u0 = np.linalg.solve(L0, b0.T).T
         except np.linalg.LinAlgError:
             return
         if np.all(np.isfinite(u0)):

@@ -141,8 +141,7 @@ def sbc(model: Model, *, reps: int = 200, draws: int = 400, warmup: int = 300, t
         inits = [P._start(dens, None, 1, rng, values=true_values(dens, r)) for r in range(reps)]
         init = {k: jnp.concatenate([i[k] for i in inits]) for k in inits[0]}  # (reps, ...)
         opts = dict(nuts_options or {})
-        dim = sum(int(np.prod(np.shape(v)[1:])) for v in init.values())
-        opts.setdefault("dense_mass", dim <= P.DENSE_MAX)  # the mass matrix sample() would use
+        opts.setdefault("dense_mass", P._Flat(init).dim <= P.DENSE_MAX)  # the mass matrix sample() would use
 
         def potential_gen(y):
             return lambda params: -dens.log_density(params, y)
